@@ -1,0 +1,50 @@
+"""``qlora validate`` and ``qlora schema``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from runner.errors import ExitCode, SpecError
+from runner.spec import json_schema, load_spec, spec_hash
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the spec commands to the CLI."""
+    p = sub.add_parser(
+        "validate",
+        help="check job spec files; every problem is listed as 'path: message'",
+        description="Validate job specs. Exit 0 if all are valid, 2 otherwise.\n\n"
+        "example: qlora validate examples/*.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of the job spec",
+        description="Print the JSON Schema of a FineTuneJob document (for editors and CI).",
+    )
+    p.add_argument("--spec-only", action="store_true", help="only the 'spec' section")
+    p.set_defaults(handler=_schema)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed: list[SpecError] = []
+    for f in args.files:
+        try:
+            spec = load_spec(f)
+        except SpecError as e:
+            failed.append(e)
+            for line in e.lines():
+                print(line, file=sys.stderr)
+            continue
+        print(f"{f}: ok ({spec.metadata.name}, spec hash {spec_hash(spec)[:12]})")
+    return int(ExitCode.INVALID_INPUT) if failed else int(ExitCode.OK)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(body_only=args.spec_only), indent=2))
+    return int(ExitCode.OK)

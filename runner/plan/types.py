@@ -1,0 +1,98 @@
+"""Value types the planner produces and the renderer, runner and operator consume.
+
+Pure data: no I/O, no heavy imports. The planner (:mod:`runner.plan`) fills these in; the
+Kubernetes renderer turns a :class:`Plan` into node affinity, resource requests and the
+``plan.json`` key of the job's ConfigMap; ``qlora run`` reads that key back so the pod trains
+with exactly the batch shape and precision that were planned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class GpuClass:
+    """A GPU memory class: the nodes whose one GPU has at least ``min_memory_mib``.
+
+    Attributes:
+        name: Class name used in specs and labels, e.g. ``"24GB"``.
+        min_memory_mib: Smallest ``nvidia.com/gpu.memory`` label value (MiB) in the class;
+            node affinity is ``Gt min_memory_mib - 1``.
+        gpu_count: GPUs per pod.
+        node_labels: Extra node labels to require (e.g. a node pool).
+        tolerations: Extra pod tolerations for tainted pools (Kubernetes dicts).
+    """
+
+    name: str
+    min_memory_mib: int
+    gpu_count: int = 1
+    node_labels: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class VramTerm:
+    """One line of the VRAM estimate, in bytes, with a short note on how it was computed."""
+
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the planner decided for one spec.
+
+    Fields used by the renderer and the runner must keep their names; the planner may add more.
+
+    Attributes:
+        spec_hash: sha256 of the spec the plan was made for.
+        gpu_class: The chosen class.
+        backend: Resolved backend for the GPU pod ('unsloth' or 'transformers').
+        quant_mode: Resolved precision ('4bit', 'dynamic-4bit' or '16bit'; never 'auto').
+        micro_batch_size: Sequences per forward pass.
+        gradient_accumulation_steps: Micro batches per optimizer step.
+        vram_terms: Per-term estimate.
+        vram_estimate_bytes: Estimated peak GPU memory (reserved + context), bytes.
+        host_memory_bytes: Pod memory request (includes Unsloth's activation offload).
+        cpu_cores: Pod CPU request.
+        tokens_per_step: micro batch x accumulation x max_seq_length.
+        estimated_runtime_s: Rough wall time, or None when the dataset size is unknown.
+        reasons: Human-readable lines on why this class, precision and batch.
+    """
+
+    spec_hash: str
+    gpu_class: GpuClass
+    backend: str
+    quant_mode: str
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    vram_terms: tuple[VramTerm, ...]
+    vram_estimate_bytes: int
+    host_memory_bytes: int
+    cpu_cores: int
+    tokens_per_step: int
+    estimated_runtime_s: float | None = None
+    reasons: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        """Serialise for ``plan.json`` and ``qlora plan --json``."""
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse what :meth:`to_json` wrote."""
+        d = json.loads(text)
+        d["gpu_class"] = GpuClass(
+            **{**d["gpu_class"], "tolerations": tuple(d["gpu_class"].get("tolerations", ()))}
+        )
+        d["vram_terms"] = tuple(VramTerm(**t) for t in d["vram_terms"])
+        d["reasons"] = tuple(d.get("reasons", ()))
+        return cls(**d)

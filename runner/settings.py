@@ -1,0 +1,57 @@
+"""Deployment settings, kept apart from the portable job spec.
+
+A job spec says *what* to train; settings say *where* this installation runs it: namespace,
+image, the S3 endpoint, the Pushgateway, the GPU class table. They come from ``QLORA_*``
+environment variables (the Helm chart sets them on the operator and the rendered pods).
+Secrets are never settings: S3 credentials come from the standard AWS environment and files,
+which in the cluster are filled from a Secret by ``secretKeyRef``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings read from ``QLORA_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore", frozen=True)
+
+    namespace: str = Field("qlora", description="Namespace for rendered and submitted jobs.")
+    image: str = Field(
+        "qlora-runner:0.1.0", description="Runner image (repository:tag, no registry host)."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://seaweedfs.storage:8333."
+    )
+    s3_region: str | None = Field(None, description="S3 region, if the server needs one.")
+    s3_addressing_style: Literal["path", "virtual", "auto"] = Field(
+        "path", description="S3 addressing style; most self-hosted servers want 'path'."
+    )
+    s3_secret_name: str = Field(
+        "qlora-s3",
+        description="Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for rendered pods.",
+    )
+    pushgateway_url: str | None = Field(
+        None, description="Default Pushgateway when a spec names none."
+    )
+    gpu_classes_file: str | None = Field(
+        None, description="YAML file with the GPU class table (default: the bundled table)."
+    )
+    gpu_memory_label: str = Field(
+        "nvidia.com/gpu.memory", description="Node label holding one GPU's memory in MiB."
+    )
+    work_dir: str = Field(
+        ".qlora-work", description="Local scratch directory for downloads and the adapter."
+    )
+    storage_retries: int = Field(
+        5, ge=0, le=20, description="Retries (with backoff) for a failing storage call."
+    )
+
+
+def load_settings() -> Settings:
+    """Settings from the environment."""
+    return Settings()

@@ -1,0 +1,248 @@
+"""YAML/JSON text → :class:`JobSpec`, with every problem reported at once.
+
+Errors come out as ``path: message`` lines (``spec.training.max_seq_length: ...``) that name
+the fix. Unknown keys get a "did you mean" hint. Anything that looks like a credential is
+rejected before validation, because specs end up in ConfigMaps, logs and manifests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from runner.errors import SpecError
+from runner.spec.model import JobSpec
+
+DEFAULT_SPEC_PATH = "/etc/qlora/job.yaml"
+SPEC_PATH_ENV = "QLORA_SPEC"
+
+# Key names and value shapes that mean a secret was pasted into the spec.
+_SECRET_KEY_RE = re.compile(
+    r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential|private[_-]?key)",
+    re.IGNORECASE,
+)
+_SECRET_VALUE_RES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("an AWS access key id", re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")),
+    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
+    ("credentials in a URL", re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")),
+    ("a GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b")),
+    ("a bearer token", re.compile(r"\bBearer\s+[A-Za-z0-9._~+/-]{20,}=*", re.IGNORECASE)),
+)
+# Keys whose names look secret-ish but are ordinary spec fields.
+_ALLOWED_SECRETISH_KEYS = frozenset({"max_steps"})
+
+
+def resolve_spec_path(path: str | None) -> str:
+    """The spec file to read: the argument, else ``$QLORA_SPEC``, else the container default."""
+    return path or os.environ.get(SPEC_PATH_ENV) or DEFAULT_SPEC_PATH
+
+
+def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+    """Read and validate a spec file.
+
+    Args:
+        path: YAML or JSON file.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: unreadable file, bad YAML, or any invalid field (all listed in ``details``).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise SpecError(
+            f"{p}: no such file; pass --spec FILE or set ${SPEC_PATH_ENV}",
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{p}: cannot read the spec: {e}") from e
+    return load_spec_text(text, source=str(p))
+
+
+def load_spec_text(text: str, source: str = "<spec>") -> JobSpec:
+    """Validate spec text (YAML or JSON).
+
+    Args:
+        text: The document.
+        source: Name used in error messages.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: on any problem; ``details`` lists every ``path: message``.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(f"{where}: not valid YAML: {problem}") from e
+    return validate_document(doc, source=source)
+
+
+def validate_document(doc: object, source: str = "<spec>") -> JobSpec:
+    """Validate an already-parsed document (e.g. a FineTuneJob read from the API).
+
+    Raises:
+        SpecError: listing every problem as ``path: message``.
+    """
+    if not isinstance(doc, dict):
+        raise SpecError(
+            f"{source}: invalid spec",
+            [f"(root): expected a mapping with apiVersion, kind, metadata, spec; got "
+             f"{type(doc).__name__}"],
+        )
+    problems = list(_find_secrets(doc))
+    try:
+        spec = JobSpec.model_validate(doc)
+    except ValidationError as e:
+        problems.extend(_format_errors(e, doc))
+        spec = None
+    if problems:
+        raise SpecError(f"{source}: invalid spec ({len(problems)} problem(s))", problems)
+    assert spec is not None
+    return spec
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """A stable 64-hex-digit sha256 of the spec's normalised content (defaults filled in).
+
+    ``metadata.labels`` are excluded: relabelling a job does not make it a different job.
+    """
+    body = {"name": spec.metadata.name, "spec": spec.spec.model_dump(mode="json")}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The spec as YAML with defaults filled in, as mounted into the pod."""
+    doc = spec.model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _walk(node: object, path: str = "") -> Iterator[tuple[str, str | None, object]]:
+    """Yield ``(path, key, value)`` for every value in a nested document."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            sub = f"{path}.{k}" if path else str(k)
+            yield sub, str(k), v
+            yield from _walk(v, sub)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            sub = f"{path}[{i}]"
+            yield sub, None, v
+            yield from _walk(v, sub)
+
+
+def _find_secrets(doc: dict[str, Any]) -> Iterator[str]:
+    hint = (
+        "credentials never go in a spec; use the standard AWS environment/files locally or a "
+        "Kubernetes Secret in the cluster"
+    )
+    for path, key, value in _walk(doc):
+        if (
+            key is not None
+            and key not in _ALLOWED_SECRETISH_KEYS
+            and _SECRET_KEY_RE.search(key)
+            and isinstance(value, str | int | float)
+        ):
+            yield f"{path}: looks like a secret field; {hint}"
+            continue
+        if isinstance(value, str):
+            for what, pattern in _SECRET_VALUE_RES:
+                if pattern.search(value):
+                    yield f"{path}: value looks like {what}; {hint}"
+                    break
+
+
+def _format_loc(loc: tuple[int | str, ...], doc: object) -> str:
+    """Turn a pydantic location into ``spec.training.max_seq_length`` / ``dataset.sources[0]``.
+
+    Pydantic puts union-member tags (``literal['auto']``, ``int``) and validator names into
+    ``loc``; those are dropped when they are not keys of the document.
+    """
+    out = ""
+    node: object = doc
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            continue
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, dict) and part == "api_version":
+            part = "apiVersion"
+        elif node is not None and not isinstance(node, dict):
+            continue  # a union tag such as 'int' or "literal['auto']"
+        elif isinstance(node, dict) and ("[" in part or part in {"int", "float", "str"}):
+            continue
+        else:
+            node = None
+        out = f"{out}.{part}" if out else part
+    return out or "(root)"
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the mapping at ``loc`` (for "did you mean")."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None
+        )
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_errors(e: ValidationError, doc: object) -> list[str]:
+    lines: list[str] = []
+    seen: set[str] = set()
+    for err in e.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _format_loc(loc, doc)
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = str(loc[-1])
+            parent = _model_at(loc[:-1])
+            allowed = _allowed_keys(parent) if parent else []
+            close = difflib.get_close_matches(key, allowed, n=1)
+            msg = f"unknown field '{key}'"
+            if close:
+                msg += f"; did you mean '{close[0]}'?"
+            elif allowed:
+                msg += f"; allowed: {', '.join(allowed)}"
+        elif kind == "missing":
+            msg = "required field is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and kind not in {"value_error", "assertion_error"}:
+                got = err["input"]
+                if isinstance(got, str | int | float | bool) or got is None:
+                    msg += f" (got {got!r})"
+        line = f"{path}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return lines
