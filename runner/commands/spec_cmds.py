@@ -38,7 +38,8 @@ def _validate(args: argparse.Namespace) -> int:
             spec = load_spec(f)
         except SpecError as e:
             failed.append(e)
-            for line in e.lines():
+            print(f"error: {e.message}", file=sys.stderr)
+            for line in e.details:
                 print(line, file=sys.stderr)
             continue
         print(f"{f}: ok ({spec.metadata.name}, spec hash {spec_hash(spec)[:12]})")

@@ -103,15 +103,23 @@ def validate_document(doc: object, source: str = "<spec>") -> JobSpec:
     if not isinstance(doc, dict):
         raise SpecError(
             f"{source}: invalid spec",
-            [f"(root): expected a mapping with apiVersion, kind, metadata, spec; got "
-             f"{type(doc).__name__}"],
+            [
+                f"(root): expected a mapping with apiVersion, kind, metadata, spec; got "
+                f"{type(doc).__name__}"
+            ],
         )
     problems = list(_find_secrets(doc))
+    secret_paths = {p.split(": ", 1)[0] for p in problems}
     try:
         spec = JobSpec.model_validate(doc)
     except ValidationError as e:
-        problems.extend(_format_errors(e, doc))
+        # Never echo a secret back: drop other errors about a path already flagged as one.
+        problems.extend(
+            line for line in _format_errors(e, doc) if line.split(": ", 1)[0] not in secret_paths
+        )
         spec = None
+    # One problem per line, whatever the user typed into keys and values.
+    problems = [p.replace("\r", "\\r").replace("\n", "\\n") for p in problems]
     if problems:
         raise SpecError(f"{source}: invalid spec ({len(problems)} problem(s))", problems)
     assert spec is not None
@@ -134,11 +142,22 @@ def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+_PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _join(path: str, key: object) -> str:
+    """Append a key to a dotted path, quoting keys that are not plain identifiers."""
+    k = str(key)
+    if not _PLAIN_KEY_RE.fullmatch(k):
+        return f"{path}[{json.dumps(k)}]"
+    return f"{path}.{k}" if path else k
+
+
 def _walk(node: object, path: str = "") -> Iterator[tuple[str, str | None, object]]:
     """Yield ``(path, key, value)`` for every value in a nested document."""
     if isinstance(node, dict):
         for k, v in node.items():
-            sub = f"{path}.{k}" if path else str(k)
+            sub = _join(path, k)
             yield sub, str(k), v
             yield from _walk(v, sub)
     elif isinstance(node, list):
@@ -192,8 +211,12 @@ def _format_loc(loc: tuple[int | str, ...], doc: object) -> str:
             continue
         else:
             node = None
-        out = f"{out}.{part}" if out else part
+        out = _join(out, part)
     return out or "(root)"
+
+
+def _quote(key: str) -> str:
+    return f"'{key}'" if _PLAIN_KEY_RE.fullmatch(key) else json.dumps(key)
 
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
@@ -218,7 +241,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
 
 def _format_errors(e: ValidationError, doc: object) -> list[str]:
     lines: list[str] = []
-    seen: set[str] = set()
+    by_path: dict[str, list[str]] = {}
     for err in e.errors(include_url=False):
         loc = tuple(err["loc"])
         path = _format_loc(loc, doc)
@@ -228,7 +251,7 @@ def _format_errors(e: ValidationError, doc: object) -> list[str]:
             parent = _model_at(loc[:-1])
             allowed = _allowed_keys(parent) if parent else []
             close = difflib.get_close_matches(key, allowed, n=1)
-            msg = f"unknown field '{key}'"
+            msg = f"unknown field {_quote(key)}"
             if close:
                 msg += f"; did you mean '{close[0]}'?"
             elif allowed:
@@ -241,8 +264,18 @@ def _format_errors(e: ValidationError, doc: object) -> list[str]:
                 got = err["input"]
                 if isinstance(got, str | int | float | bool) or got is None:
                     msg += f" (got {got!r})"
-        line = f"{path}: {msg}"
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
+        if path in by_path:
+            if msg not in by_path[path]:
+                by_path[path].append(msg)
+        else:
+            by_path[path] = [msg]
+    # Union fields (e.g. `'auto' | int >= 1`) fail once per member: merge them into one line.
+    for path, msgs in by_path.items():
+        if len(msgs) > 1:
+            got = re.search(r" \(got .*\)$", msgs[-1])
+            tail = got.group(0) if got else ""
+            msgs = [re.sub(r" \(got .*\)$", "", m) for m in msgs]
+            lines.append(f"{path}: {' or '.join(m[0].lower() + m[1:] for m in msgs)}{tail}")
+        else:
+            lines.append(f"{path}: {msgs[0]}")
     return lines
