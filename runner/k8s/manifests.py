@@ -1,0 +1,477 @@
+"""Spec + plan + settings → the ConfigMap and ``batch/v1`` Job that run one fine-tuning job.
+
+Pure code: plain dicts in, plain dicts out, no Kubernetes client. ``qlora render`` prints
+them for ``kubectl apply -f -``; the submitter applies them with server-side apply; the
+operator passes an ``owner`` so both are garbage-collected with their FineTuneJob. All three
+therefore see exactly the same objects, and tests check them against the Kubernetes OpenAPI
+schemas without a cluster.
+
+How the Job is shaped, and why:
+
+* Placement is data, not code: the plan's :class:`~runner.plan.GpuClass` becomes a required
+  node affinity ``<gpu_memory_label> Gt <min_memory_mib - 1>`` (GPU Feature Discovery labels
+  one GPU's memory in MiB; there is no ``Ge``), plus the class's extra node labels and
+  tolerations. ``nvidia.com/gpu`` is requested in limits, because affinity only filters nodes.
+* ``podFailurePolicy`` turns the runner's exit codes (:class:`runner.errors.ExitCode`) into
+  Job decisions: deterministic failures fail the Job at once (retrying cannot help; a CUDA OOM
+  is re-planned by the submitter/operator with a smaller micro batch), a preemption that wrote
+  its checkpoint and any ``DisruptionTarget`` eviction do not count against ``backoffLimit``.
+* The pod runs as a non-root UID with a read-only root filesystem; every path the training
+  stack writes to (Hugging Face, Triton and XDG caches, ``/tmp``, the work directory,
+  ``/dev/shm``) is an ``emptyDir``. S3 credentials come only from a Secret by
+  ``secretKeyRef``; the endpoint is a plain setting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from runner import __version__
+from runner.errors import ExitCode, SpecError
+from runner.k8s import names
+from runner.plan.types import MIB, GpuClass, Plan
+from runner.settings import Settings
+from runner.spec import JobSpec, dump_spec, spec_hash
+
+CONTAINER_NAME = "train"
+CONFIG_MOUNT_DIR = "/etc/qlora"
+SPEC_KEY = "job.yaml"
+PLAN_KEY = "plan.json"
+SPEC_PATH = f"{CONFIG_MOUNT_DIR}/{SPEC_KEY}"
+PLAN_PATH = f"{CONFIG_MOUNT_DIR}/{PLAN_KEY}"
+CACHE_DIR = "/var/cache/qlora"
+WORK_DIR = "/var/lib/qlora"
+RUN_AS_UID = 10001
+"""The image's ``qlora`` user (see the Dockerfile)."""
+GPU_RESOURCE = "nvidia.com/gpu"
+S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+MAX_SHM_BYTES = 16 * 1024**3
+
+# Exit codes that fail the Job at once: retrying the same pod cannot help.
+FAIL_JOB_EXIT_CODES: tuple[ExitCode, ...] = (
+    ExitCode.INVALID_INPUT,  # the spec or data is wrong
+    ExitCode.DOES_NOT_FIT,  # the node's GPU is smaller than planned
+    ExitCode.VERIFICATION_FAILED,  # the adapter did not train; the same seed would repeat it
+    ExitCode.CUDA_OOM,  # the plan was wrong: re-plan with a smaller micro batch, not retry
+    ExitCode.MISSING_DEPENDENCY,  # the image lacks an extra
+)
+IGNORE_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.PREEMPTED,)
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """Lifetime knobs of the rendered Job.
+
+    Attributes:
+        backoff_limit: Pod retries for failures not covered by ``podFailurePolicy`` (internal
+            errors, storage outages); they resume from the last checkpoint.
+        termination_grace_s: Time between SIGTERM and SIGKILL. 300 s covers finishing the
+            current optimizer step (tens of seconds for a 70B model at 16 sequences per step)
+            plus writing the LoRA weights, 8-bit optimizer state and RNG state (a few hundred
+            MB for rank 16) and mirroring them to object storage at ~50 MB/s.
+        ttl_after_finished_s: How long a finished Job (and its pod logs) stays readable.
+        active_deadline_s: Hard limit on the Job's wall time; None derives it from the plan.
+    """
+
+    backoff_limit: int = 3
+    termination_grace_s: int = 300
+    ttl_after_finished_s: int = 7 * 86400
+    active_deadline_s: int | None = None
+
+
+DEFAULT_POLICY = JobPolicy()
+_DEADLINE_UNKNOWN_S = 3 * 86400
+_DEADLINE_MIN_S = 2 * 3600
+_DEADLINE_MAX_S = 14 * 86400
+
+
+def render_objects(
+    spec: JobSpec,
+    plan: Plan,
+    settings: Settings,
+    *,
+    queue_name: str | None = None,
+    owner: Mapping[str, Any] | None = None,
+    namespace: str | None = None,
+    attempt: int = 0,
+    policy: JobPolicy = DEFAULT_POLICY,
+    managed_by: str = "qlora-runner",
+) -> list[dict[str, Any]]:
+    """Render the ConfigMap and Job for one spec, in apply order.
+
+    Args:
+        spec: The validated job spec.
+        plan: The planner's decision for ``spec`` (class, precision, batch, host resources).
+        settings: Deployment settings (image, S3 endpoint and Secret, node label key, ...).
+        queue_name: Kueue LocalQueue; when set the Job carries the queue label and is
+            created suspended so Kueue admits it.
+        owner: The owning object, either a full object (``apiVersion``, ``kind``,
+            ``metadata.name/uid/namespace``) or an ownerReference-shaped mapping
+            (``apiVersion``, ``kind``, ``name``, ``uid``). Both objects get a controller
+            ownerReference to it.
+        namespace: Target namespace; default the owner's, else ``settings.namespace``.
+        attempt: Re-plan attempt, part of the object names (see :func:`names.job_name`).
+        policy: Backoff, deadline, TTL and grace period.
+        managed_by: Value of ``app.kubernetes.io/managed-by``.
+
+    Returns:
+        ``[ConfigMap, Job]`` as plain dicts.
+
+    Raises:
+        SpecError: ``metadata.labels`` holds an invalid or reserved label.
+        ValueError: ``owner`` lacks apiVersion, kind, name or uid, or ``queue_name`` is not
+            a DNS-1123 label (programming errors of the caller).
+    """
+    name = names.job_name(spec, attempt)
+    ns = namespace or _owner_namespace(owner) or settings.namespace
+    if queue_name is not None and not names.is_dns1123_label(queue_name):
+        raise ValueError(f"queue name '{queue_name}' is not a DNS-1123 label")
+    labels = _labels(spec, plan, managed_by, attempt)
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": labels}
+    if owner is not None:
+        meta["ownerReferences"] = [owner_reference(owner)]
+    full_hash = spec_hash(spec)
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**meta, "annotations": {names.ANNOTATION_SPEC_HASH: full_hash}},
+        "data": {SPEC_KEY: dump_spec(spec), PLAN_KEY: plan.to_json() + "\n"},
+    }
+    job_labels = dict(labels)
+    if queue_name is not None:
+        job_labels[names.LABEL_KUEUE_QUEUE] = queue_name
+    job_spec: dict[str, Any] = {
+        "backoffLimit": policy.backoff_limit,
+        "activeDeadlineSeconds": active_deadline_s(plan, policy),
+        "ttlSecondsAfterFinished": policy.ttl_after_finished_s,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {"labels": labels, "annotations": _pod_annotations(spec)},
+            "spec": _pod_spec(spec, plan, settings, config_map_name=name, policy=policy),
+        },
+    }
+    if queue_name is not None:
+        job_spec["suspend"] = True
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **meta,
+            "labels": job_labels,
+            "annotations": {
+                names.ANNOTATION_SPEC_HASH: full_hash,
+                names.ANNOTATION_VRAM_ESTIMATE: str(plan.vram_estimate_bytes),
+                names.ANNOTATION_QUANT_MODE: plan.quant_mode,
+            },
+        },
+        "spec": job_spec,
+    }
+    return [config_map, job]
+
+
+def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """A controller ownerReference to ``owner`` (full object or reference-shaped mapping)."""
+    meta = owner.get("metadata", owner)
+    try:
+        ref = {
+            "apiVersion": str(owner["apiVersion"]),
+            "kind": str(owner["kind"]),
+            "name": str(meta["name"]),
+            "uid": str(meta["uid"]),
+        }
+    except KeyError as e:
+        raise ValueError(f"owner needs apiVersion, kind, name and uid; missing {e}") from e
+    return {**ref, "controller": True, "blockOwnerDeletion": True}
+
+
+def pod_failure_policy() -> dict[str, Any]:
+    """Rules mapping the runner's exit codes and pod disruptions to Job actions.
+
+    Rules are checked in order; the first that matches decides. Disruptions come first so an
+    evicted pod is never counted as a failure whatever its exit code.
+    """
+    return {
+        "rules": [
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": sorted(int(c) for c in FAIL_JOB_EXIT_CODES),
+                },
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": sorted(int(c) for c in IGNORE_EXIT_CODES),
+                },
+            },
+        ]
+    }
+
+
+def active_deadline_s(plan: Plan, policy: JobPolicy = DEFAULT_POLICY) -> int:
+    """The Job's wall-time limit: the policy's, else 4x the plan's runtime estimate.
+
+    Estimates are rough, so the deadline is generous (never under 2 h, never over 14 days);
+    without an estimate (unknown dataset size) it is 3 days.
+    """
+    if policy.active_deadline_s is not None:
+        return policy.active_deadline_s
+    if plan.estimated_runtime_s is None:
+        return _DEADLINE_UNKNOWN_S
+    return int(min(_DEADLINE_MAX_S, max(_DEADLINE_MIN_S, 4 * plan.estimated_runtime_s)))
+
+
+def uses_s3(spec: JobSpec) -> bool:
+    """Whether the job reads or writes object storage (and so needs the S3 Secret)."""
+    body = spec.spec
+    uris = [body.model.source, body.output.uri, *body.dataset.sources]
+    return any(u.startswith("s3://") for u in uris)
+
+
+def shm_size_bytes(plan: Plan) -> int:
+    """Size of the ``/dev/shm`` tmpfs: a quarter of host memory, 1 GiB to 16 GiB, MiB-aligned."""
+    size = min(MAX_SHM_BYTES, max(1024 * MIB, plan.host_memory_bytes // 4))
+    return size // MIB * MIB
+
+
+def _owner_namespace(owner: Mapping[str, Any] | None) -> str | None:
+    if owner is None:
+        return None
+    meta = owner.get("metadata")
+    ns = meta.get("namespace") if isinstance(meta, Mapping) else None
+    return str(ns) if ns else None
+
+
+def _labels(spec: JobSpec, plan: Plan, managed_by: str, attempt: int) -> dict[str, str]:
+    problems = []
+    for key, value in spec.metadata.labels.items():
+        path = f'metadata.labels["{key}"]'
+        if not names.is_label_key(key):
+            problems.append(f"{path}: not a valid label key ([prefix/]name, name <= 63 chars)")
+        elif key.startswith(names.RESERVED_LABEL_PREFIXES):
+            problems.append(f"{path}: reserved for qlora-runner; choose another key")
+        if not names.is_label_value(value):
+            problems.append(
+                f"{path}: '{value}' is not a valid label value "
+                "(<= 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends)"
+            )
+    if problems:
+        raise SpecError("invalid metadata.labels", problems)
+    ours = {
+        names.LABEL_NAME: names.APP_NAME,
+        names.LABEL_INSTANCE: spec.metadata.name,
+        names.LABEL_COMPONENT: "trainer",
+        names.LABEL_PART_OF: names.APP_NAME,
+        names.LABEL_MANAGED_BY: names.label_value(managed_by),
+        names.LABEL_VERSION: names.label_value(__version__),
+        names.LABEL_JOB: spec.metadata.name,
+        names.LABEL_SPEC_HASH: names.spec_hash_label(spec),
+        names.LABEL_GPU_CLASS: names.label_value(plan.gpu_class.name),
+        names.LABEL_ATTEMPT: str(attempt),
+    }
+    return {**dict(sorted(spec.metadata.labels.items())), **ours}
+
+
+def _pod_annotations(spec: JobSpec) -> dict[str, str]:
+    metrics = spec.spec.metrics
+    if not metrics.enabled:
+        return {}
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics.port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def _pod_spec(
+    spec: JobSpec, plan: Plan, settings: Settings, *, config_map_name: str, policy: JobPolicy
+) -> dict[str, Any]:
+    gpu = plan.gpu_class
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": policy.termination_grace_s,
+        "automountServiceAccountToken": False,  # the trainer never calls the Kubernetes API
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_UID,
+            "runAsGroup": RUN_AS_UID,
+            "fsGroup": RUN_AS_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(spec, plan, settings)],
+        "volumes": _volumes(plan, config_map_name),
+    }
+    affinity = node_affinity(gpu, settings.gpu_memory_label)
+    if affinity:
+        pod["affinity"] = {"nodeAffinity": affinity}
+    pod["tolerations"] = tolerations(gpu)
+    return pod
+
+
+def node_affinity(gpu: GpuClass, memory_label: str) -> dict[str, Any]:
+    """Required node affinity for a GPU class: memory threshold plus the class's node labels.
+
+    A class with ``gpu_count == 0`` (CPU-only) gets no memory threshold.
+    """
+    expressions: list[dict[str, Any]] = []
+    if gpu.gpu_count > 0:
+        expressions.append(
+            {"key": memory_label, "operator": "Gt", "values": [str(gpu.min_memory_mib - 1)]}
+        )
+    expressions += [
+        {"key": k, "operator": "In", "values": [v]} for k, v in sorted(gpu.node_labels.items())
+    ]
+    if not expressions:
+        return {}
+    return {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": expressions}]
+        }
+    }
+
+
+def tolerations(gpu: GpuClass) -> list[dict[str, Any]]:
+    """The usual ``nvidia.com/gpu`` taint's toleration (GPU classes) plus the class's own."""
+    out: list[dict[str, Any]] = []
+    if gpu.gpu_count > 0:
+        out.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    out += [dict(t) for t in gpu.tolerations if dict(t) not in out]
+    return out
+
+
+def resources(plan: Plan) -> dict[str, Any]:
+    """CPU and memory requests from the plan; GPUs and memory (+ /dev/shm) as limits.
+
+    Memory's limit adds the ``/dev/shm`` tmpfs, which is charged to the container. CPU has no
+    limit: throttling a data loader only slows the GPU down.
+    """
+    memory_mib = math.ceil(plan.host_memory_bytes / MIB)
+    limit_mib = memory_mib + shm_size_bytes(plan) // MIB
+    out: dict[str, Any] = {
+        "requests": {"cpu": str(plan.cpu_cores), "memory": f"{memory_mib}Mi"},
+        "limits": {"memory": f"{limit_mib}Mi"},
+    }
+    if plan.gpu_class.gpu_count > 0:
+        out["requests"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
+        out["limits"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
+    return out
+
+
+def _container(spec: JobSpec, plan: Plan, settings: Settings) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": settings.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORK_DIR,  # Unsloth writes its compiled-kernel cache into the cwd
+        "env": _env(spec, settings),
+        "resources": resources(plan),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "work", "mountPath": WORK_DIR},
+        ],
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.spec.metrics.enabled:
+        container["ports"] = [
+            {"name": "metrics", "containerPort": spec.spec.metrics.port, "protocol": "TCP"}
+        ]
+    return container
+
+
+def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
+    plain: dict[str, str | None] = {
+        "QLORA_SPEC": SPEC_PATH,
+        "QLORA_PLAN": PLAN_PATH,
+        "QLORA_WORK_DIR": f"{WORK_DIR}/work",
+        "QLORA_STORAGE_RETRIES": str(settings.storage_retries),
+        "QLORA_S3_ENDPOINT_URL": settings.s3_endpoint_url,
+        "QLORA_S3_REGION": settings.s3_region,
+        "QLORA_S3_ADDRESSING_STYLE": settings.s3_addressing_style,
+        "QLORA_PUSHGATEWAY_URL": settings.pushgateway_url,
+        "AWS_DEFAULT_REGION": settings.s3_region,
+        # The root filesystem is read-only: every cache goes to the `cache` emptyDir.
+        "HOME": CACHE_DIR,
+        "XDG_CACHE_HOME": f"{CACHE_DIR}/xdg",
+        "HF_HOME": f"{CACHE_DIR}/huggingface",
+        "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torchinductor",
+        "CUDA_CACHE_PATH": f"{CACHE_DIR}/nv",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items() if v]
+    if uses_s3(spec):
+        env += [
+            {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": settings.s3_secret_name, "key": key}},
+            }
+            for key in (S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY)
+        ]
+    return env
+
+
+def _volumes(plan: Plan, config_map_name: str) -> list[dict[str, Any]]:
+    shm_mib = shm_size_bytes(plan) // MIB
+    return [
+        {
+            "name": "config",
+            "configMap": {
+                "name": config_map_name,
+                "items": [{"key": SPEC_KEY, "path": SPEC_KEY}, {"key": PLAN_KEY, "path": PLAN_KEY}],
+            },
+        },
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib}Mi"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "work", "emptyDir": {}},
+    ]
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """SafeDumper that writes multi-line strings (the mounted job.yaml) as literal blocks."""
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str_representer)
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """Objects as one multi-document YAML stream for ``kubectl apply -f -``."""
+    docs = [
+        yaml.dump(o, Dumper=_BlockDumper, sort_keys=False, width=100, allow_unicode=True)
+        for o in objects
+    ]
+    return "---\n" + "---\n".join(docs)
