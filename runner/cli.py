@@ -16,7 +16,11 @@ from runner import __version__
 from runner.errors import ExitCode, RunnerError
 
 # Each module exposes register(subparsers); order is the order shown in --help.
-COMMAND_MODULES: tuple[str, ...] = ("runner.commands.spec_cmds", "runner.commands.verify_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "runner.commands.spec_cmds",
+    "runner.commands.verify_cmd",
+    "runner.commands.render_cmd",
+)
 
 EPILOG = """exit codes:
   0 ok | 1 internal error | 2 invalid spec or data | 3 does not fit any GPU class
