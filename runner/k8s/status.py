@@ -1,0 +1,314 @@
+"""How a finished pod tells the outside world what happened, and how we read Job progress.
+
+Pure functions over plain Kubernetes dicts, shared by ``qlora submit --wait``, ``qlora status``
+and the operator, so that all three describe a job the same way.
+
+The termination message (the contract between ``qlora run`` and its watchers)
+------------------------------------------------------------------------------
+When ``qlora run`` ends it writes ONE JSON object on one line to ``/dev/termination-log`` (the
+container's ``terminationMessagePath``; Kubernetes keeps at most 4096 bytes of it)::
+
+    {"status": "succeeded", "adapter_uri": "s3://adapters/bot/runs/20261128-0942-ab12cd"}
+    {"status": "failed", "reason": "CUDA out of memory at step 12", "exit_code": 6}
+
+``status`` is ``succeeded`` or ``failed``; ``adapter_uri`` is the published run's URI (only on
+success); ``reason`` is one human line; ``exit_code`` is the :class:`runner.errors.ExitCode`
+the process exits with. Extra keys are allowed and ignored. :func:`termination_message` builds
+the line and :func:`write_termination_message` writes it. If the file holds something else
+(the Job uses ``terminationMessagePolicy: FallbackToLogsOnError``, so a crash leaves the last
+log lines there), :func:`parse_termination_message` keeps its last non-empty line as the reason
+and takes the exit code from the container status.
+
+FineTuneJob status (written by the operator; the CRD's status schema must allow these keys)
+--------------------------------------------------------------------------------------------
+``phase`` (Pending | Planned | Running | Succeeded | Failed), ``observedGeneration`` (int),
+``specHash`` (str), ``gpuClass`` (str), ``vramEstimate`` (str, e.g. ``"17.4 GiB"``),
+``vramEstimateBytes`` (int), ``microBatchSize`` (int), ``gradientAccumulationSteps`` (int),
+``jobName`` (str), ``adapterURI`` (str), ``reason`` (str), ``message`` (str), ``attempt``
+(int, 0 for the first try, +1 per out-of-memory re-plan), and ``conditions``: a list of
+``{type, status, reason, message, lastTransitionTime, observedGeneration}`` with types
+``Planned``, ``Running``, ``Succeeded``, ``Failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+TERMINATION_LOG = "/dev/termination-log"
+MAX_TERMINATION_BYTES = 4096
+
+PENDING = "Pending"
+PLANNED = "Planned"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+CONDITION_TYPES = (PLANNED, RUNNING, SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class Termination:
+    """What a finished container reported.
+
+    Attributes:
+        succeeded: The runner reported success (or the container exited 0).
+        adapter_uri: URI of the published adapter run, on success.
+        reason: One human line on why it failed (or "completed").
+        exit_code: The container's exit code, when known.
+    """
+
+    succeeded: bool
+    adapter_uri: str | None = None
+    reason: str = ""
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a Job stands, from its status and its pods.
+
+    Attributes:
+        phase: One of Pending, Running, Succeeded, Failed.
+        reason: Short CamelCase reason (``BackoffLimitExceeded``, ``Completed``, ...).
+        message: One human line.
+        adapter_uri: The published adapter's URI once succeeded.
+        exit_code: Exit code of the last terminated container, if any.
+        pod_name: The pod the facts were read from.
+        node_name: The node that pod was bound to.
+    """
+
+    phase: str
+    reason: str = ""
+    message: str = ""
+    adapter_uri: str | None = None
+    exit_code: int | None = None
+    pod_name: str | None = None
+    node_name: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Succeeded or failed: nothing more will happen to this Job."""
+        return self.phase in (SUCCEEDED, FAILED)
+
+
+def termination_message(
+    *,
+    succeeded: bool,
+    adapter_uri: str | None = None,
+    reason: str = "",
+    exit_code: int = 0,
+) -> str:
+    """The one JSON line ``qlora run`` writes to the termination log.
+
+    Args:
+        succeeded: Whether the run published a verified adapter.
+        adapter_uri: The published run's URI (success only).
+        reason: Why it failed, one line (failure only); shortened to fit 4 KiB.
+        exit_code: The process exit code (failure only).
+    """
+    if succeeded:
+        return json.dumps({"status": "succeeded", "adapter_uri": adapter_uri}, sort_keys=True)
+    line = " ".join(reason.split())[:3500]
+    return json.dumps(
+        {"status": "failed", "reason": line, "exit_code": int(exit_code)}, sort_keys=True
+    )
+
+
+def write_termination_message(message: str, path: str = TERMINATION_LOG) -> bool:
+    """Write the termination line where Kubernetes reads it; a no-op outside a pod.
+
+    Returns:
+        True if written; False when the file's directory does not exist (not in a pod).
+    """
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        return False
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(message[:MAX_TERMINATION_BYTES] + "\n")
+    return True
+
+
+def parse_termination_message(text: str | None, exit_code: int | None = None) -> Termination:
+    """Read a container's termination message (JSON line, or fallback log text).
+
+    Args:
+        text: ``state.terminated.message`` of the container, possibly empty.
+        exit_code: ``state.terminated.exitCode``, used when the text does not say.
+    """
+    text = (text or "").strip()
+    for line in reversed(text.splitlines()):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and doc.get("status") in ("succeeded", "failed"):
+            code = doc.get("exit_code", exit_code)
+            return Termination(
+                succeeded=doc["status"] == "succeeded",
+                adapter_uri=doc.get("adapter_uri") or None,
+                reason=str(doc.get("reason") or ""),
+                exit_code=int(code) if isinstance(code, int) else exit_code,
+            )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    ok = exit_code == 0
+    fallback = "" if ok else (f"exit code {exit_code}" if exit_code is not None else "")
+    return Termination(
+        succeeded=ok,
+        reason=lines[-1] if lines else fallback,
+        exit_code=exit_code,
+    )
+
+
+def container_termination(pod: Mapping[str, Any]) -> Termination | None:
+    """The termination facts of a pod's first terminated container (the runner), if any."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for cs in statuses:
+        state = cs.get("state") or {}
+        last = cs.get("lastState") or {}
+        term = state.get("terminated") or last.get("terminated")
+        if term:
+            return parse_termination_message(term.get("message"), term.get("exitCode"))
+    return None
+
+
+def _condition(obj: Mapping[str, Any], ctype: str) -> Mapping[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return dict(c)
+    return None
+
+
+def _newest(pods: Sequence[Mapping[str, Any]], phase: str) -> Mapping[str, Any] | None:
+    matching = [p for p in pods if (p.get("status") or {}).get("phase") == phase]
+    matching.sort(key=lambda p: str(p.get("metadata", {}).get("creationTimestamp", "")))
+    return matching[-1] if matching else None
+
+
+def job_progress(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> Progress:
+    """Summarise a batch/v1 Job and its pods.
+
+    Args:
+        job: The Job as a dict (``status.conditions``, ``status.active`` ...).
+        pods: The Job's pods (selected by its ``controller-uid`` / ``job-name`` label).
+    """
+    done = _condition(job, "Complete")
+    failed = _condition(job, "Failed")
+    if done:
+        pod = _newest(pods, "Succeeded")
+        term = container_termination(pod) if pod else None
+        return Progress(
+            phase=SUCCEEDED,
+            reason="Completed",
+            message="the job completed"
+            + (f"; adapter published at {term.adapter_uri}" if term and term.adapter_uri else ""),
+            adapter_uri=term.adapter_uri if term else None,
+            exit_code=term.exit_code if term else 0,
+            pod_name=_pod_name(pod),
+            node_name=_node_name(pod),
+        )
+    if failed:
+        pod = _newest(pods, "Failed")
+        term = container_termination(pod) if pod else None
+        job_reason = str(failed.get("reason") or "Failed")
+        why = term.reason if term and term.reason else str(failed.get("message") or "")
+        return Progress(
+            phase=FAILED,
+            reason=job_reason,
+            message=why or job_reason,
+            exit_code=term.exit_code if term else None,
+            pod_name=_pod_name(pod),
+            node_name=_node_name(pod),
+        )
+    running = _newest(pods, "Running")
+    if running:
+        return Progress(
+            phase=RUNNING,
+            reason="PodRunning",
+            message=f"pod {_pod_name(running)} runs on {_node_name(running)}",
+            pod_name=_pod_name(running),
+            node_name=_node_name(running),
+        )
+    pending = _newest(pods, "Pending")
+    if pending:
+        node = _node_name(pending)
+        where = f"bound to node {node}" if node else "waiting for a node with a matching GPU"
+        return Progress(
+            phase=PENDING,
+            reason="PodPending",
+            message=f"pod {_pod_name(pending)} is pending, {where}",
+            pod_name=_pod_name(pending),
+            node_name=node,
+        )
+    if (job.get("spec") or {}).get("suspend"):
+        return Progress(phase=PENDING, reason="Suspended", message="the job waits in its queue")
+    return Progress(phase=PENDING, reason="Created", message="waiting for the job's pod")
+
+
+def _pod_name(pod: Mapping[str, Any] | None) -> str | None:
+    return str(pod["metadata"]["name"]) if pod else None
+
+
+def _node_name(pod: Mapping[str, Any] | None) -> str | None:
+    node = ((pod or {}).get("spec") or {}).get("nodeName")
+    return str(node) if node else None
+
+
+def now_rfc3339() -> str:
+    """The current time as Kubernetes writes it (``2026-11-28T09:42:00Z``)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    ctype: str,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Conditions with one of them set; ``lastTransitionTime`` moves only when status flips.
+
+    Args:
+        conditions: Current conditions.
+        ctype: The condition type to set.
+        status: True or False.
+        reason: CamelCase reason.
+        message: One human line.
+        generation: The object's ``metadata.generation`` the condition was computed for.
+    """
+    value = "True" if status else "False"
+    out: list[dict[str, Any]] = []
+    found = False
+    for c in conditions:
+        if c.get("type") != ctype:
+            out.append(dict(c))
+            continue
+        found = True
+        changed = c.get("status") != value
+        new = {
+            "type": ctype,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_rfc3339() if changed else c.get("lastTransitionTime"),
+        }
+        if generation is not None:
+            new["observedGeneration"] = generation
+        out.append(new)
+    if not found:
+        new = {
+            "type": ctype,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": now_rfc3339(),
+        }
+        if generation is not None:
+            new["observedGeneration"] = generation
+        out.append(new)
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    out.sort(key=lambda c: order.get(str(c.get("type")), len(order)))
+    return out
