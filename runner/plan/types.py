@@ -28,6 +28,9 @@ class GpuClass:
         gpu_count: GPUs per pod.
         node_labels: Extra node labels to require (e.g. a node pool).
         tolerations: Extra pod tolerations for tainted pools (Kubernetes dicts).
+        cpu_cores: CPU request of a pod in this class.
+        reference_card: The slowest common card of the class (for runtime estimates).
+        peak_bf16_tflops: That card's dense BF16 peak, TFLOP/s (0 = unknown).
     """
 
     name: str
@@ -35,6 +38,9 @@ class GpuClass:
     gpu_count: int = 1
     node_labels: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
+    cpu_cores: int = 4
+    reference_card: str = ""
+    peak_bf16_tflops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class Plan:
         tokens_per_step: micro batch x accumulation x max_seq_length.
         estimated_runtime_s: Rough wall time, or None when the dataset size is unknown.
         reasons: Human-readable lines on why this class, precision and batch.
+        usable_memory_bytes: The class's memory after the safety margin.
+        tokens_per_second: Throughput assumed for the runtime estimate.
+        model_config_origin: Where the model's config.json was found.
+        trust_remote_code: The model's own Python code will run in the pod.
     """
 
     spec_hash: str
@@ -81,6 +91,10 @@ class Plan:
     tokens_per_step: int
     estimated_runtime_s: float | None = None
     reasons: tuple[str, ...] = ()
+    usable_memory_bytes: int = 0
+    tokens_per_second: float | None = None
+    model_config_origin: str = ""
+    trust_remote_code: bool = False
 
     def to_json(self) -> str:
         """Serialise for ``plan.json`` and ``qlora plan --json``."""

@@ -1,0 +1,97 @@
+"""``qlora plan``: show what a spec will need before a GPU is spent.
+
+Prints the VRAM estimate term by term, the GPU class chosen and why, the node affinity the
+rendered Job will carry, the batch shape and a runtime estimate; ``--json`` prints the
+:class:`~runner.plan.Plan` itself for scripts. Exit 2 for an invalid spec, 3 when nothing fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from runner.errors import ExitCode
+
+_EPILOG = """examples:
+  qlora plan examples/llama-3.1-8b.yaml
+  qlora plan examples/llama-3.3-70b.yaml --json
+
+exit codes: 0 planned | 2 invalid spec or model config | 3 fits no GPU class (the message
+says by how much and which changes would fit) | 5 object storage unreachable
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``qlora plan`` to the CLI."""
+    p = sub.add_parser(
+        "plan",
+        help="estimate VRAM and pick the GPU class, precision and batch shape for a spec",
+        description="Plan a job: per-term VRAM estimate, GPU memory class, node affinity, "
+        "micro batch x accumulation, tokens per step and a runtime estimate.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", metavar="FILE", help="job spec (YAML or JSON)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=_plan)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:8.2f} GiB"
+
+
+def _format_duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"~{minutes} min"
+    return f"~{minutes / 60:.1f} h"
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from runner.plan import make_plan
+    from runner.settings import load_settings
+    from runner.spec import load_spec
+
+    spec = load_spec(args.file)
+    settings = load_settings()
+    plan = make_plan(spec, settings)
+    if args.json:
+        print(plan.to_json())
+        return int(ExitCode.OK)
+    c = plan.gpu_class
+    width = max(len(t.name) for t in plan.vram_terms)
+    print(f"{spec.metadata.name}: {plan.quant_mode} LoRA with {plan.backend}, GPU class {c.name}\n")
+    print("VRAM estimate (peak reserved + CUDA context):")
+    for t in plan.vram_terms:
+        print(f"  {t.name:<{width}}  {_gib(t.bytes)}  {t.note}")
+    print(
+        f"  {'total':<{width}}  {_gib(plan.vram_estimate_bytes)}  of "
+        f"{plan.usable_memory_bytes / 1024**3:.2f} GiB usable in {c.name}\n"
+    )
+    print("Why:")
+    for r in plan.reasons:
+        print(f"  - {r}")
+    print()
+    affinity = f"{settings.gpu_memory_label} Gt {c.min_memory_mib - 1}"
+    for k, v in sorted(c.node_labels.items()):
+        affinity += f", {k}={v}"
+    print(f"node affinity:     {affinity}")
+    if c.tolerations:
+        print(f"tolerations:       {len(c.tolerations)} from the class table")
+    print(
+        f"resources:         {c.gpu_count} x nvidia.com/gpu, {plan.cpu_cores} CPU, "
+        f"{plan.host_memory_bytes / 1024**3:.0f} GiB memory"
+    )
+    print(
+        f"batch:             micro batch {plan.micro_batch_size} x accumulation "
+        f"{plan.gradient_accumulation_steps} = "
+        f"{plan.micro_batch_size * plan.gradient_accumulation_steps} sequences per step"
+    )
+    print(f"tokens per step:   {plan.tokens_per_step:,} (at max_seq_length)")
+    if plan.estimated_runtime_s is not None:
+        print(f"runtime:           {_format_duration(plan.estimated_runtime_s)}")
+    else:
+        print(
+            "runtime:           unknown (dataset not local; set training.max_steps or plan "
+            "with a local copy)"
+        )
+    return int(ExitCode.OK)

@@ -1,0 +1,420 @@
+"""Peak GPU memory of one QLoRA / LoRA training process, term by term, from shapes alone.
+
+Why a first-principles model and not a table: the plan has to hold for any sequence length,
+micro batch, rank and model the user writes, and it has to explain itself. Each term below is
+a count of the tensors that are alive at the training step's peak, multiplied by their bytes;
+the few constants that counting cannot give (CUDA context, allocator slack, a correction per
+activation term) live in :class:`Calibration`, fitted to the measurements described in
+``runner/plan/VRAM.md`` (card, library versions and method are recorded there).
+
+The peak of a step is: everything persistent (weights, LoRA state, checkpoints), plus the
+larger of two phases that are not live at the same time: the loss (logits) and the backward
+pass through one decoder layer. The estimate is of ``torch.cuda.max_memory_reserved()`` plus the
+CUDA context, i.e. what ``nvidia-smi`` would show at the peak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from runner.errors import SpecError
+from runner.plan.shapes import LINEAR_NAMES, ModelShape
+from runner.plan.types import MIB, VramTerm
+
+GIB = 1024**3
+
+QUANT_MODES = ("4bit", "dynamic-4bit", "16bit")
+BACKENDS = ("unsloth", "transformers")
+EIGHT_BIT_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+# bitsandbytes keeps 32-bit optimizer state for tensors smaller than this (min_8bit_size).
+_BNB_MIN_8BIT_SIZE = 4096
+
+# NF4 storage per parameter (QLoRA paper §3): 4 bits of data, plus one absmax per block of 64.
+# Without double quant the absmax is fp32 (32/64 bit/param); with it an 8-bit absmax plus one
+# fp32 second-level constant per 256 blocks (8/64 + 32/(64*256) bit/param).
+NF4_BYTES_PER_PARAM = 0.5 + 4 / 64
+NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants that counting tensors cannot give; fitted to measurements (see VRAM.md).
+
+    Attributes:
+        cuda_context_bytes: CUDA context + kernel images; outside PyTorch's allocator, so not
+            part of ``max_memory_reserved``.
+        allocator_fixed_bytes: cuBLAS workspaces, bitsandbytes tables and small allocations.
+        allocator_slack_fraction: Reserved-but-unallocated memory of the caching allocator,
+            as a fraction of the step's activation memory.
+        activation_factor: Correction of the hand-counted per-layer activations.
+        hf_logits_bytes: Bytes per (token x vocab entry) of the plain HF loss: bf16 logits,
+            fp32 upcast, saved log-softmax and its gradient.
+        softcap_logits_bytes: Extra bytes per logit element under final-logit soft-capping.
+        unsloth_ce_bytes: Bytes per logit element inside one chunk of Unsloth's fused loss.
+        unsloth_ce_chunk_bytes: Unsloth's per-chunk budget for the fused loss (its default
+            is min(free / 2, 4 GiB)).
+        unsloth_gpu_checkpoints: Layer inputs Unsloth keeps on the GPU while the rest are
+            offloaded to host RAM (the current one and the one being prefetched).
+        hf_upcast_fp32: The plain-HF path runs peft's ``prepare_model_for_kbit_training``,
+            which casts every non-4-bit parameter to fp32.
+        dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
+            does not list the skipped modules (Unsloth: "<10 % more VRAM than BnB 4bit").
+        host_base_bytes: Host RAM of the training process without offload (Python, CUDA
+            libraries, tokenizer, dataset, one checkpoint shard while loading).
+        host_offload_factor: Pinned-buffer overhead on Unsloth's offloaded activations.
+        provenance: Where the numbers were measured.
+    """
+
+    cuda_context_bytes: int = 600 * MIB
+    allocator_fixed_bytes: int = 256 * MIB
+    allocator_slack_fraction: float = 0.10
+    activation_factor: float = 1.0
+    hf_logits_bytes: float = 16.0
+    softcap_logits_bytes: float = 6.0
+    unsloth_ce_bytes: float = 16.0
+    unsloth_ce_chunk_bytes: int = 4 * GIB
+    unsloth_gpu_checkpoints: int = 2
+    hf_upcast_fp32: bool = True
+    dynamic_4bit_allowance: float = 0.10
+    host_base_bytes: int = 8 * GIB
+    host_offload_factor: float = 1.25
+    provenance: str = "first principles (not yet fitted to measurements)"
+
+
+DEFAULT_CALIBRATION = Calibration()
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """The training choices that change memory.
+
+    Attributes:
+        quant_mode: '4bit', 'dynamic-4bit' or '16bit'.
+        backend: 'unsloth' or 'transformers'.
+        micro_batch_size: Sequences per forward pass.
+        seq_len: Tokens per sequence (the planner uses the maximum: worst case).
+        lora_r: LoRA rank.
+        target_modules: Linear modules with adapters.
+        double_quant: NF4 constants quantized too.
+        gradient_checkpointing: Recompute layer activations in backward.
+        optimizer: Optimizer name from the spec.
+        compute_dtype: 'bfloat16', 'float16', 'float32' or 'auto' (= bfloat16 on GPUs).
+        skip_modules: Modules a dynamic 4-bit checkpoint keeps in 16 bit.
+    """
+
+    quant_mode: str
+    backend: str
+    micro_batch_size: int
+    seq_len: int
+    lora_r: int
+    target_modules: tuple[str, ...] = LINEAR_NAMES
+    double_quant: bool = True
+    gradient_checkpointing: bool = True
+    optimizer: str = "adamw_8bit"
+    compute_dtype: str = "bfloat16"
+    skip_modules: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro batch."""
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The estimator's answer.
+
+    Attributes:
+        terms: One line per term; they add up to ``total_bytes``.
+        total_bytes: Estimated peak GPU memory (reserved + CUDA context).
+        context_bytes: The CUDA context part of the total (outside PyTorch's allocator).
+        host_bytes: Host RAM the training process needs (offloaded activations included).
+    """
+
+    terms: tuple[VramTerm, ...]
+    total_bytes: int
+    context_bytes: int
+    host_bytes: int
+
+    @property
+    def reserved_bytes(self) -> int:
+        """The part comparable with ``torch.cuda.max_memory_reserved()``."""
+        return self.total_bytes - self.context_bytes
+
+
+def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """Whether module ``name`` (``layers.3.mlp.down_proj``) matches a bitsandbytes skip entry."""
+    canon = "." + name
+    for entry in skip:
+        e = entry
+        for prefix in (
+            "model.language_model.",
+            "language_model.model.",
+            "model.",
+            "language_model.",
+        ):
+            e = e.removeprefix(prefix)
+        if canon.endswith("." + e) or ("." + e + ".") in canon + ".":
+            return True
+    return False
+
+
+def _act_bytes(compute_dtype: str) -> int:
+    return 4 if compute_dtype == "float32" else 2
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> float:
+    """Bytes one decoder layer saves for backward, per token (the hand count in VRAM.md)."""
+    a = _act_bytes(t.compute_dtype)
+    h, f, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
+    # RMSNorm saves its fp32 input and the normalised tensor (fp32 for Gemma, else compute dtype).
+    norm = (8 if shape.fp32_norm else 4 + a) * h
+    total = shape.norms_per_layer * norm
+    total += 2 * a * h  # input of q/k/v (shared) and of gate/up (shared)
+    total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
+    if shape.qk_norm:
+        total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
+    total += 2 * a * q  # attention output, and its contiguous copy into o_proj
+    total += 4 * a * f  # gate out, up out, act(gate), act(gate)*up (input of down_proj)
+    total += a * t.lora_r * len(t.target_modules)  # LoRA A outputs
+    return float(total)
+
+
+def _backward_transient_per_token(shape: ModelShape, t: TrainingShape) -> float:
+    """Gradient tensors alive while one layer's MLP runs backward."""
+    a = _act_bytes(t.compute_dtype)
+    return float(a * (3 * shape.intermediate_size + 2 * shape.hidden_size))
+
+
+def lora_params(shape: ModelShape, t: TrainingShape) -> int:
+    """Number of LoRA parameters (A and B of every targeted module).
+
+    Raises:
+        SpecError: a target module is not a linear layer of this architecture.
+    """
+    dims = shape.linear_dims()
+    unknown = [m for m in t.target_modules if m not in dims]
+    if unknown:
+        raise SpecError(
+            f"spec.lora.target_modules: {', '.join(repr(m) for m in unknown)} not a linear "
+            f"module of {shape.model_type}; choose from {', '.join(LINEAR_NAMES)}"
+        )
+    per_layer = sum(dims[m][0] + dims[m][1] for m in t.target_modules)
+    total = t.lora_r * shape.num_layers * per_layer
+    # PEFT matches target names in a multimodal model's vision tower too (q/k/v there).
+    vision_targets = [m for m in t.target_modules if m in ("q_proj", "k_proj", "v_proj")]
+    total += t.lora_r * shape.vision_layers * len(vision_targets) * sum(shape.vision_lora_dims)
+    return total
+
+
+def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[list[VramTerm], int]:
+    """Weight terms and the largest quantized matrix (dequantized on the fly in bf16)."""
+    terms: list[VramTerm] = []
+    dims = shape.linear_dims()
+    rest = shape.embedding_params + shape.lm_head_params + shape.small_params + shape.vision_params
+    if t.quant_mode == "16bit":
+        n = shape.num_layers * shape.linear_params_per_layer + rest
+        terms.append(VramTerm("weights_16bit", 2 * n, f"{n / 1e9:.2f} B params in bf16"))
+        return terms, 0
+    quantized = skipped = 0
+    largest = 0
+    for i in range(shape.num_layers):
+        for name, (d_in, d_out) in dims.items():
+            part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            if t.skip_modules and _is_skipped(f"layers.{i}.{part}.{name}", t.skip_modules):
+                skipped += d_in * d_out
+            else:
+                quantized += d_in * d_out
+                largest = max(largest, d_in * d_out)
+    per = NF4_DQ_BYTES_PER_PARAM if t.double_quant else NF4_BYTES_PER_PARAM
+    q_bytes = int(quantized * per)
+    terms.append(
+        VramTerm(
+            "weights_4bit",
+            q_bytes,
+            f"{quantized / 1e9:.2f} B linear params x {per:.4f} B "
+            f"(nf4{' + double quant' if t.double_quant else ''}, block 64)",
+        )
+    )
+    upcast = t.backend == "transformers" and cal.hf_upcast_fp32
+    width = 4 if upcast else 2
+    n16 = rest + skipped
+    what = "embeddings" + ("" if shape.tie_word_embeddings else ", lm_head") + ", norms"
+    if shape.vision_params:
+        what += ", vision tower"
+    if skipped:
+        what += f", {skipped / 1e9:.2f} B skipped by the dynamic quant"
+    dtype = "fp32 (peft prepare_model_for_kbit_training upcast)" if upcast else "bf16"
+    terms.append(
+        VramTerm("weights_unquantized", width * n16, f"{n16 / 1e9:.2f} B ({what}) in {dtype}")
+    )
+    if t.quant_mode == "dynamic-4bit" and not t.skip_modules:
+        extra = int(q_bytes * cal.dynamic_4bit_allowance)
+        terms.append(
+            VramTerm(
+                "dynamic_4bit_allowance",
+                extra,
+                f"+{cal.dynamic_4bit_allowance:.0%} of 4-bit weights: the config lists no "
+                "skipped modules",
+            )
+        )
+    if upcast:
+        # Autocast casts the fp32 lm_head to bf16 each forward and keeps that copy for backward.
+        n_head = shape.vocab_size * shape.hidden_size
+        terms.append(VramTerm("lm_head_autocast_copy", 2 * n_head, "bf16 copy of the fp32 lm_head"))
+    return terms, largest
+
+
+def _lora(shape: ModelShape, t: TrainingShape) -> list[VramTerm]:
+    p = lora_params(shape, t)
+    eight_bit = (
+        t.optimizer in EIGHT_BIT_OPTIMIZERS
+        and t.lora_r * min(shape.hidden_size, shape.intermediate_size) >= _BNB_MIN_8BIT_SIZE
+    )
+    opt_per = 2 if eight_bit else 8
+    opt_note = "8-bit AdamW: 2 x 1 B" if eight_bit else "AdamW: 2 x fp32"
+    return [
+        VramTerm("lora_params", 4 * p, f"{p / 1e6:.1f} M params (r {t.lora_r}) in fp32"),
+        VramTerm("lora_grads", 4 * p, "fp32 gradients, kept across accumulation steps"),
+        VramTerm("optimizer_state", opt_per * p, f"{opt_note} per LoRA param"),
+    ]
+
+
+def _unsloth_loss_bytes(shape: ModelShape, t: TrainingShape, cal: Calibration) -> int:
+    """Unsloth's fused loss: logits exist one chunk at a time (chunks in multiples of 4)."""
+    per_elem = cal.unsloth_ce_bytes + (
+        cal.softcap_logits_bytes if shape.final_logit_softcapping else 0.0
+    )
+    whole = t.tokens * shape.vocab_size * per_elem
+    if whole <= cal.unsloth_ce_chunk_bytes:
+        chunk = whole
+    else:
+        n = math.ceil(whole / cal.unsloth_ce_chunk_bytes / 4) * 4
+        chunk = whole / min(n, t.tokens)
+    # The loss computes the hidden-state gradient in forward and keeps it for backward.
+    return int(chunk + t.tokens * shape.hidden_size * 4)
+
+
+def estimate(
+    shape: ModelShape, t: TrainingShape, cal: Calibration = DEFAULT_CALIBRATION
+) -> Estimate:
+    """Estimate peak GPU memory of training ``shape`` with ``t``, term by term.
+
+    Args:
+        shape: Model sizes.
+        t: Training choices.
+        cal: Fitted constants.
+
+    Returns:
+        The breakdown, total, CUDA-context part and host-RAM need.
+
+    Raises:
+        SpecError: an invalid mode, backend or target module.
+    """
+    if t.quant_mode not in QUANT_MODES:
+        raise SpecError(f"spec.quantization.mode: '{t.quant_mode}' must be one of {QUANT_MODES}")
+    if t.backend not in BACKENDS:
+        raise SpecError(f"spec.training.backend: '{t.backend}' must be one of {BACKENDS}")
+    a = _act_bytes(t.compute_dtype)
+    tokens = t.tokens
+    b, s, h = t.micro_batch_size, t.seq_len, shape.hidden_size
+    terms, largest = _weights(shape, t, cal)
+    terms += _lora(shape, t)
+
+    per_layer = layer_activation_bytes_per_token(shape, t) * cal.activation_factor
+    host_offload = 0
+    if not t.gradient_checkpointing:
+        kept = int(shape.num_layers * tokens * per_layer + tokens * a * h)
+        terms.append(
+            VramTerm(
+                "activations",
+                kept,
+                f"all {shape.num_layers} layers kept: "
+                f"{per_layer / 1024:.0f} KiB/token/layer x {tokens} tokens",
+            )
+        )
+        working = int(tokens * _backward_transient_per_token(shape, t))
+    else:
+        if t.backend == "unsloth":
+            n_gpu = min(cal.unsloth_gpu_checkpoints, shape.num_layers)
+            kept = n_gpu * tokens * a * h
+            host_offload = shape.num_layers * tokens * a * h
+            note = (
+                f"{n_gpu} layer inputs on GPU; {shape.num_layers} offloaded to host RAM "
+                f"({host_offload / GIB:.2f} GiB)"
+            )
+        else:
+            kept = (shape.num_layers + 1) * tokens * a * h
+            note = f"{shape.num_layers} layer inputs + embeddings, {a * h} B/token each"
+        terms.append(VramTerm("checkpoints", int(kept), note))
+        working = int(tokens * (per_layer + _backward_transient_per_token(shape, t)))
+    if largest:
+        working += 2 * largest  # bitsandbytes dequantizes one weight to bf16 per matmul
+    terms.append(
+        VramTerm(
+            "layer_working_set",
+            working,
+            f"one layer recomputed and back-propagated: {(working / tokens) / 1024:.0f} KiB/token",
+        )
+    )
+
+    if t.backend == "unsloth":
+        loss = _unsloth_loss_bytes(shape, t, cal)
+        loss_note = "Unsloth fused cross-entropy, chunked logits"
+    else:
+        per_elem = cal.hf_logits_bytes + (
+            cal.softcap_logits_bytes if shape.final_logit_softcapping else 0.0
+        )
+        loss = int(tokens * shape.vocab_size * per_elem)
+        loss_note = f"{tokens} tokens x {shape.vocab_size} vocab x {per_elem:.0f} B"
+    terms.append(VramTerm("logits_loss", loss, loss_note))
+    terms.append(
+        VramTerm(
+            "loss_backward_overlap",
+            -min(loss, working),
+            "the loss and a layer's backward are not live at the same time",
+        )
+    )
+
+    masks = 0
+    if t.backend == "transformers":
+        masks += b * s * s  # 4-D boolean padding mask for SDPA
+    if shape.sliding_window and s > shape.sliding_window:
+        masks += b * s * s
+    if shape.attn_logit_softcapping:
+        # Soft-capped scores need eager attention: tanh out, fp32 softmax, probs, per layer.
+        masks += b * shape.num_heads * s * s * (2 * a + 4)
+    if masks:
+        terms.append(VramTerm("attention_masks", masks, "attention masks / eager scores"))
+
+    # Weights and LoRA state are allocated once in large blocks; fragmentation comes from the
+    # step's activations, whose sizes vary from op to op.
+    static = {
+        "weights_4bit",
+        "weights_unquantized",
+        "weights_16bit",
+        "dynamic_4bit_allowance",
+        "lora_params",
+        "lora_grads",
+        "optimizer_state",
+        "lm_head_autocast_copy",
+    }
+    dynamic = sum(term.bytes for term in terms if term.name not in static)
+    slack = int(dynamic * cal.allocator_slack_fraction) + cal.allocator_fixed_bytes
+    terms.append(
+        VramTerm(
+            "allocator_slack",
+            slack,
+            f"{cal.allocator_slack_fraction:.0%} "
+            f"of activations + {cal.allocator_fixed_bytes // MIB} MiB workspaces",
+        )
+    )
+    terms.append(
+        VramTerm(
+            "cuda_context", cal.cuda_context_bytes, "CUDA context, outside the PyTorch allocator"
+        )
+    )
+    total = sum(term.bytes for term in terms)
+    host = cal.host_base_bytes + int(host_offload * cal.host_offload_factor)
+    return Estimate(tuple(terms), total, cal.cuda_context_bytes, host)

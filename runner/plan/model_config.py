@@ -1,0 +1,153 @@
+"""Finding a model's ``config.json`` without downloading the model.
+
+The planner needs only the config. It looks, in order, at: a local model directory; the
+``config.json`` object under an ``s3://`` prefix (one small read, not the weights); the local
+Hugging Face hub cache for ``hf://org/name@revision`` (never the network); and finally the
+bundled table of well-known shapes in ``runner/data/model_configs.yaml``, so that ``qlora plan``
+works offline on a laptop for the common base models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import SpecError
+from runner.settings import Settings
+from runner.spec import JobSpec, ModelSourceKind
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model config and where it was found.
+
+    Attributes:
+        config: The parsed ``config.json``.
+        origin: Where it came from (a path, URI, or ``bundled shape <name>``).
+    """
+
+    config: Mapping[str, Any]
+    origin: str
+
+
+@cache
+def bundled_shapes() -> dict[str, dict[str, Any]]:
+    """The bundled shape table: ``{shape name: {"repos": [...], "config": {...}}}``."""
+    text = resources.files("runner").joinpath("data/model_configs.yaml").read_text("utf-8")
+    data = yaml.safe_load(text)
+    shapes: dict[str, dict[str, Any]] = data["shapes"]
+    return shapes
+
+
+def bundled_config(repo: str) -> ModelConfig | None:
+    """The bundled config for hub id ``repo`` (case-insensitive), or for a shape name."""
+    want = repo.lower()
+    for name, entry in bundled_shapes().items():
+        if want == name or want in (r.lower() for r in entry["repos"]):
+            return ModelConfig(entry["config"], f"bundled shape {name}")
+    return None
+
+
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SpecError(f"{where}: cannot read {path.name}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise SpecError(f"{where}: {path.name} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: {path.name} is not a JSON object")
+    return data
+
+
+def hf_cache_dirs() -> list[Path]:
+    """Hub cache directories to search, following huggingface_hub's environment variables."""
+    dirs: list[Path] = []
+    if os.environ.get("HF_HUB_CACHE"):
+        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
+    if os.environ.get("HF_HOME"):
+        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
+    return dirs
+
+
+def _from_hf_cache(repo: str, revision: str) -> ModelConfig | None:
+    """``config.json`` of ``repo`` at ``revision`` from a local hub cache, if present."""
+    folder = "models--" + repo.replace("/", "--")
+    for cache_dir in hf_cache_dirs():
+        root = cache_dir / folder
+        snapshots = root / "snapshots"
+        if not snapshots.is_dir():
+            continue
+        ref = root / "refs" / revision
+        commit = ref.read_text().strip() if ref.is_file() else revision
+        candidates = sorted(p for p in snapshots.iterdir() if p.name.startswith(commit))
+        for snap in candidates:
+            cfg = snap / "config.json"
+            if cfg.is_file():
+                return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+    return None
+
+
+def _from_s3(uri: str, settings: Settings) -> ModelConfig:
+    # The storage adapter is imported here only: planning a local or hf:// model needs no boto3.
+    from runner.storage import open_store
+
+    store, key = open_store(uri, settings)
+    cfg_key = f"{key.rstrip('/')}/config.json" if key else "config.json"
+    raw = store.read(cfg_key)
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise SpecError(f"{uri.rstrip('/')}/config.json: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"{uri.rstrip('/')}/config.json: not a JSON object")
+    return ModelConfig(data, f"{uri.rstrip('/')}/config.json")
+
+
+def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
+    """Find the config of ``spec.model.source``.
+
+    Args:
+        spec: The job spec.
+        settings: Deployment settings (the S3 endpoint for ``s3://`` sources).
+
+    Returns:
+        The config and where it was found.
+
+    Raises:
+        SpecError: no config can be found, or it is unreadable (exit code 2).
+        StorageError: object storage failed (exit code 5).
+    """
+    model = spec.spec.model
+    source = model.source
+    kind = model.source_kind
+    if kind is ModelSourceKind.S3:
+        return _from_s3(source, settings)
+    if kind is ModelSourceKind.HF:
+        repo, revision = model.hf_repo
+        found = _from_hf_cache(repo, revision) or bundled_config(repo)
+        if found is None:
+            raise SpecError(
+                f"spec.model.source: no config.json for {source} in the local Hugging Face "
+                f"cache ({', '.join(str(d) for d in hf_cache_dirs())}) and {repo} is not a "
+                "bundled shape; download the model first, or point spec.model.source at a "
+                "directory holding its config.json"
+            )
+        return found
+    path = Path(source)
+    cfg = path / "config.json" if path.is_dir() or not path.suffix else path
+    if not cfg.is_file():
+        raise SpecError(
+            f"spec.model.source: {cfg} does not exist; a local model is a directory with "
+            "config.json (and its weights)"
+        )
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))

@@ -1,0 +1,324 @@
+"""Spec + model config → a :class:`Plan`: precision, GPU class, micro batch and accumulation.
+
+Decisions, in order (each leaves a reason line in the plan):
+
+1. Backend: ``auto`` plans for Unsloth, which the GPU image runs.
+2. Precision: an explicit ``quantization.mode`` is kept; ``auto`` with priority ``vram`` is
+   4-bit; with priority ``accuracy`` it is 16-bit LoRA if a class holds it, else dynamic 4-bit.
+3. Class: the smallest class whose usable memory holds the estimate at the smallest allowed
+   micro batch; a class named in ``resources.gpu_class`` is checked instead.
+4. Batch: ``auto`` micro batch is the largest divisor of the target effective batch that fits
+   the class; accumulation makes up the rest, so the effective batch stays at the target.
+
+When nothing fits, :class:`PlanError` (exit code 3) says by how much and which single changes
+would make it fit, each computed with the estimator rather than suggested blindly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from runner.errors import PlanError, SpecError
+from runner.plan.classes import GpuClassTable, load_gpu_classes
+from runner.plan.estimator import (
+    DEFAULT_CALIBRATION,
+    EIGHT_BIT_OPTIMIZERS,
+    Calibration,
+    Estimate,
+    TrainingShape,
+    estimate,
+)
+from runner.plan.model_config import load_model_config
+from runner.plan.runtime import estimate_runtime
+from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
+from runner.plan.types import GIB, GpuClass, Plan
+from runner.settings import Settings
+from runner.spec import JobSpec, spec_hash
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def training_shape(
+    spec: JobSpec,
+    quant_mode: str,
+    backend: str,
+    micro_batch: int,
+    skip_modules: tuple[str, ...] = (),
+) -> TrainingShape:
+    """The estimator's view of a spec, for one precision, backend and micro batch."""
+    s = spec.spec
+    return TrainingShape(
+        quant_mode=quant_mode,
+        backend=backend,
+        micro_batch_size=micro_batch,
+        seq_len=s.training.max_seq_length,
+        lora_r=s.lora.r,
+        target_modules=tuple(s.lora.target_modules),
+        double_quant=s.quantization.double_quant,
+        gradient_checkpointing=s.training.gradient_checkpointing,
+        optimizer=s.training.optimizer,
+        compute_dtype=s.quantization.compute_dtype,
+        skip_modules=skip_modules if quant_mode == "dynamic-4bit" else (),
+    )
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    spec: JobSpec
+    shape: ModelShape
+    table: GpuClassTable
+    cal: Calibration
+    skip: tuple[str, ...]
+
+    def est(self, t: TrainingShape) -> Estimate:
+        return estimate(self.shape, t, self.cal)
+
+    def fits(self, t: TrainingShape, c: GpuClass) -> bool:
+        return self.est(t).total_bytes <= self.table.usable_bytes(c)
+
+
+def _largest_fitting(values: list[int], make: Any, ctx: _Ctx, c: GpuClass) -> int | None:
+    """The first of ``values`` (ordered best first) whose training shape fits ``c``."""
+    for v in values:
+        if ctx.fits(make(v), c):
+            return int(v)
+    return None
+
+
+def _knobs(ctx: _Ctx, t: TrainingShape, c: GpuClass) -> list[str]:
+    """Single changes that make ``t`` fit ``c``, each checked with the estimator."""
+    out: list[str] = []
+    repl = dataclasses.replace
+    if t.seq_len > 128:
+        lo, hi = 128, t.seq_len - 1
+        if ctx.fits(repl(t, seq_len=lo), c):
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if ctx.fits(repl(t, seq_len=mid), c) else (lo, mid - 1)
+            out.append(f"spec.training.max_seq_length: {lo} or less fits")
+    if t.micro_batch_size > 1:
+        m = _largest_fitting(
+            list(range(t.micro_batch_size - 1, 0, -1)),
+            lambda v: repl(t, micro_batch_size=v),
+            ctx,
+            c,
+        )
+        if m:
+            out.append(
+                f"spec.training.micro_batch_size: {m} fits (raise "
+                "gradient_accumulation_steps to keep the effective batch)"
+            )
+    if t.quant_mode == "16bit" and ctx.fits(repl(t, quant_mode="4bit"), c):
+        out.append("spec.quantization.mode: '4bit' fits")
+    ranks = [r for r in (256, 128, 64, 32, 16, 8, 4, 2, 1) if r < t.lora_r]
+    r = _largest_fitting(ranks, lambda v: repl(t, lora_r=v), ctx, c)
+    if r:
+        out.append(f"spec.lora.r: {r} fits")
+    if t.backend == "transformers" and ctx.fits(repl(t, backend="unsloth"), c):
+        out.append("spec.training.backend: 'unsloth' fits (offloaded checkpoints, fused loss)")
+    if not t.gradient_checkpointing and ctx.fits(repl(t, gradient_checkpointing=True), c):
+        out.append("spec.training.gradient_checkpointing: true fits")
+    if t.optimizer not in EIGHT_BIT_OPTIMIZERS and ctx.fits(repl(t, optimizer="adamw_8bit"), c):
+        out.append("spec.training.optimizer: 'adamw_8bit' fits")
+    return out
+
+
+def _does_not_fit(ctx: _Ctx, t: TrainingShape, c: GpuClass, asked: bool) -> PlanError:
+    need = ctx.est(t).total_bytes
+    usable = ctx.table.usable_bytes(c)
+    where = f"resources.gpu_class '{c.name}'" if asked else f"the largest GPU class, {c.name},"
+    knobs = _knobs(ctx, t, c)
+    if asked:
+        bigger = [
+            k.name
+            for k in ctx.table.classes
+            if k.min_memory_mib > c.min_memory_mib and ctx.fits(t, k)
+        ]
+        if bigger:
+            knobs.insert(0, f"spec.resources.gpu_class: '{bigger[0]}' (or 'auto') fits")
+    if not knobs:
+        knobs = [
+            "no single change of sequence length, micro batch, precision, rank, backend "
+            "or optimizer is enough; use a smaller model"
+        ]
+    return PlanError(
+        f"does not fit: {t.quant_mode} {t.backend} training needs {_gib(need)} but {where} "
+        f"leaves {_gib(usable)} ({c.min_memory_mib} MiB - {ctx.table.safety_margin:.0%} "
+        f"margin); short by {_gib(need - usable)}",
+        knobs,
+    )
+
+
+def _precisions(spec: JobSpec) -> tuple[list[str], str]:
+    mode = str(spec.spec.quantization.mode)
+    if mode != "auto":
+        return [mode], f"precision {mode}: set in quantization.mode"
+    if spec.spec.resources.priority == "accuracy":
+        return ["16bit", "dynamic-4bit"], "accuracy"
+    return ["4bit"], "precision 4bit: quantization.mode auto with resources.priority vram"
+
+
+def make_plan(
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    model_config: Mapping[str, Any] | None = None,
+    gpu_classes: GpuClassTable | None = None,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> Plan:
+    """Plan a job: precision, GPU class, batch shape, memory and a runtime estimate.
+
+    Args:
+        spec: The validated job spec.
+        settings: Deployment settings (class table file, S3 endpoint for the model config).
+        model_config: The model's ``config.json``; found from ``spec.model.source`` if None.
+        gpu_classes: The class table; loaded from ``settings`` if None.
+        calibration: Estimator constants (tests and the benchmark comparison pass their own).
+
+    Returns:
+        The plan.
+
+    Raises:
+        SpecError: unknown architecture, class name or target module (exit code 2).
+        PlanError: nothing fits, or not the class asked for (exit code 3).
+    """
+    if model_config is None:
+        found = load_model_config(spec, settings)
+        cfg, origin = found.config, found.origin
+    else:
+        cfg, origin = model_config, "given config"
+    shape = shape_from_config(cfg, origin)
+    table = gpu_classes or load_gpu_classes(settings)
+    ctx = _Ctx(spec, shape, table, calibration, quantization_skip_modules(cfg))
+    tr = spec.spec.training
+    backend = "unsloth" if tr.backend == "auto" else str(tr.backend)
+    reasons = [
+        f"model: {shape.model_type}, {shape.total_params / 1e9:.2f} B params, "
+        f"{shape.num_layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size} "
+        f"(config: {origin})",
+        f"backend {backend}: "
+        + (
+            "training.backend auto; the GPU image runs Unsloth "
+            "(transformers + peft is its fallback)"
+            if tr.backend == "auto"
+            else "set in training.backend"
+        ),
+    ]
+    if spec.spec.model.trust_remote_code:
+        reasons.append("trust_remote_code is ON: the model's own Python code runs in the pod")
+
+    asked = spec.spec.resources.gpu_class
+    if asked != "auto":
+        chosen = table.by_name(asked)
+        if chosen is None:
+            raise SpecError(
+                f"spec.resources.gpu_class: '{asked}' is not in the GPU class "
+                f"table ({table.origin}); choose from {', '.join(table.names)} "
+                "or 'auto'"
+            )
+        candidates: list[GpuClass] = [chosen]
+    else:
+        candidates = list(table.classes)
+
+    target = tr.target_effective_batch_size
+    m_fixed = tr.micro_batch_size if tr.micro_batch_size != "auto" else None
+    a_fixed = tr.gradient_accumulation_steps if tr.gradient_accumulation_steps != "auto" else None
+    m_min = m_fixed or 1
+    modes, why_mode = _precisions(spec)
+
+    picked: tuple[str, GpuClass] | None = None
+    for mode in modes:
+        t = training_shape(spec, mode, backend, m_min, ctx.skip)
+        for c in candidates:
+            if ctx.fits(t, c):
+                picked = (mode, c)
+                break
+        if picked:
+            break
+    if picked is None:
+        t = training_shape(spec, modes[-1], backend, m_min, ctx.skip)
+        raise _does_not_fit(ctx, t, candidates[-1], asked != "auto")
+    mode, chosen = picked
+    if why_mode == "accuracy":
+        why_mode = (
+            "precision 16bit: priority accuracy and 16-bit LoRA fits"
+            if mode == "16bit"
+            else "precision dynamic-4bit: priority accuracy, but 16-bit LoRA fits no "
+            + ("class" if asked == "auto" else f"{chosen.name} GPU")
+        )
+    reasons.append(why_mode)
+
+    if m_fixed is None:
+        limit = max(1, target // a_fixed) if a_fixed else target
+        options = (
+            [d for d in _divisors_desc(target) if d <= limit]
+            if not a_fixed
+            else list(range(limit, 0, -1))
+        )
+        m = (
+            _largest_fitting(
+                options, lambda v: training_shape(spec, mode, backend, v, ctx.skip), ctx, chosen
+            )
+            or 1
+        )
+        a = a_fixed or max(1, -(-target // m))
+        nxt = next((d for d in sorted(_divisors_desc(target)) if d > m), None)
+        why_batch = f"micro batch {m}: the largest divisor of target {target} that fits"
+        if nxt:
+            need = ctx.est(training_shape(spec, mode, backend, nxt, ctx.skip)).total_bytes
+            why_batch += f" ({nxt} would need {_gib(need)})"
+    else:
+        m = m_fixed
+        a = a_fixed or max(1, -(-target // m))
+        why_batch = f"micro batch {m}: set in training.micro_batch_size"
+    reasons.append(f"{why_batch}; x {a} accumulation = {m * a} sequences per step")
+
+    final = ctx.est(training_shape(spec, mode, backend, m, ctx.skip))
+    usable = table.usable_bytes(chosen)
+    smaller = [c.name for c in table.classes if c.min_memory_mib < chosen.min_memory_mib]
+    why_class = (
+        f"class {chosen.name}: "
+        + (
+            "set in resources.gpu_class; "
+            if asked != "auto"
+            else "smallest class that holds the estimate; "
+        )
+        + f"usable {_gib(usable)} ({chosen.min_memory_mib} MiB floor - "
+        f"{table.safety_margin:.0%} margin), estimate {_gib(final.total_bytes)} "
+        f"({final.total_bytes / usable:.0%} used)"
+    )
+    if smaller and asked == "auto":
+        why_class += f"; {', '.join(smaller)} too small"
+    reasons.append(why_class)
+    reasons.append(f"node affinity: {settings.gpu_memory_label} Gt {chosen.min_memory_mib - 1}")
+
+    runtime = estimate_runtime(spec, shape, chosen, backend, m * a)
+    reasons.append(f"runtime: {runtime.note}")
+    host = final.host_bytes
+    return Plan(
+        spec_hash=spec_hash(spec),
+        gpu_class=chosen,
+        backend=backend,
+        quant_mode=mode,
+        micro_batch_size=m,
+        gradient_accumulation_steps=a,
+        vram_terms=final.terms,
+        vram_estimate_bytes=final.total_bytes,
+        host_memory_bytes=-(-host // GIB) * GIB,
+        cpu_cores=chosen.cpu_cores,
+        tokens_per_step=m * a * tr.max_seq_length,
+        estimated_runtime_s=runtime.seconds,
+        reasons=tuple(reasons),
+        usable_memory_bytes=usable,
+        tokens_per_second=runtime.tokens_per_second,
+        model_config_origin=origin,
+        trust_remote_code=spec.spec.model.trust_remote_code,
+    )
