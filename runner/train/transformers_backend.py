@@ -1,0 +1,305 @@
+"""The portable backend: transformers + peft + bitsandbytes, trained with TRL's SFTTrainer.
+
+It runs wherever PyTorch runs, the CPU included: bitsandbytes 0.50 quantizes to nf4 on the
+CPU, so the CI end-to-end test trains real 4-bit QLoRA. On a GPU it is the fallback when
+Unsloth is absent or not wanted. The data arrives already tokenized (input ids plus a
+completion mask, see :mod:`runner.train.tokenize`), so what the preflight measured is exactly
+what SFTTrainer trains on; with ``completion_only_loss`` TRL turns the mask into ``-100``
+labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runner.errors import SpecError, missing_extra
+from runner.spec.model import LoraSpec
+from runner.train.backend import (
+    BatchShape,
+    ModelSession,
+    Precision,
+    TokenizedExample,
+    TrainOutcome,
+)
+
+log = logging.getLogger(__name__)
+
+_EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_8bit", "paged_adamw_8bit"})
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise missing_extra("torch", "train") from e
+    return torch
+
+
+def _dtype(name: str) -> Any:
+    return getattr(_torch(), name)
+
+
+def _device_map() -> dict[str, Any]:
+    return {"": 0} if _torch().cuda.is_available() else {"": "cpu"}
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """Last name component of every linear layer (plain or 4-bit) in ``model``."""
+    names: set[str] = set()
+    for full_name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind in ("Linear", "Linear4bit", "Linear8bitLt") and "." in full_name:
+            names.add(full_name.rsplit(".", 1)[-1])
+    return names
+
+
+class TransformersBackend:
+    """:class:`runner.train.backend.TrainerBackend` on transformers + peft + bitsandbytes."""
+
+    name = "transformers"
+
+    def _load_base(self, model_dir: Path, precision: Precision, trust_remote_code: bool) -> Any:
+        try:
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        except ImportError as e:
+            raise missing_extra("transformers", "train") from e
+        kwargs: dict[str, Any] = {
+            "device_map": _device_map(),
+            "trust_remote_code": trust_remote_code,
+            "dtype": _dtype(precision.compute_dtype),
+        }
+        if precision.is_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=precision.quant_type,
+                bnb_4bit_use_double_quant=precision.double_quant,
+                bnb_4bit_compute_dtype=_dtype(precision.compute_dtype),
+            )
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        except (OSError, ValueError) as e:
+            raise SpecError(f"spec.model.source: cannot load the model in {model_dir}: {e}") from e
+
+    def _load_tokenizer(self, model_dir: Path, trust_remote_code: bool) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise SpecError(f"spec.model.source: no usable tokenizer in {model_dir}: {e}") from e
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+
+    def load(
+        self,
+        model_dir: Path,
+        precision: Precision,
+        lora: LoraSpec,
+        *,
+        seed: int,
+        max_seq_length: int,
+        trust_remote_code: bool = False,
+    ) -> ModelSession:
+        """Load the base model in ``precision`` and attach fresh LoRA adapters."""
+        try:
+            from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        except ImportError as e:
+            raise missing_extra("peft", "train") from e
+        torch = _torch()
+        notes: list[str] = []
+        if precision.quant_mode == "dynamic-4bit":
+            notes.append(
+                "dynamic-4bit is an Unsloth mode; the transformers backend uses plain 4bit"
+            )
+        model = self._load_base(model_dir, precision, trust_remote_code)
+        tokenizer = self._load_tokenizer(model_dir, trust_remote_code)
+        available = linear_module_names(model)
+        missing = [m for m in lora.target_modules if m not in available]
+        if missing:
+            raise SpecError(
+                f"spec.lora.target_modules: {', '.join(missing)} not found in the model; "
+                f"it has {', '.join(sorted(available))}"
+            )
+        if precision.is_4bit:
+            # Casts norms to fp32 and enables input grads, which 4-bit training needs; the
+            # trainer switches gradient checkpointing on itself.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            use_rslora=lora.use_rslora,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info(
+            "LoRA attached: %d trainable of %d parameters (%.2f%%)",
+            trainable,
+            total,
+            100.0 * trainable / max(total, 1),
+            extra={"trainable_params": trainable, "total_params": total},
+        )
+        return ModelSession(model, tokenizer, precision, model_dir, notes)
+
+    def _optimizer(self, wanted: str, notes: list[str]) -> str:
+        if wanted in _EIGHT_BIT_OPTIMIZERS and not _torch().cuda.is_available():
+            note = f"optimizer {wanted} needs CUDA; using adamw_torch on the CPU"
+            log.info(note)
+            notes.append(note)
+            return "adamw_torch"
+        if wanted == "adamw_torch_fused" and not _torch().cuda.is_available():
+            return "adamw_torch"
+        return wanted
+
+    def train(
+        self,
+        session: ModelSession,
+        train: Sequence[TokenizedExample],
+        eval_data: Sequence[TokenizedExample] | None,
+        shape: BatchShape,
+        callbacks: Sequence[Any],
+        output_dir: Path,
+    ) -> TrainOutcome:
+        """Train the session's LoRA weights in place with TRL's SFTTrainer."""
+        try:
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+        except ImportError as e:
+            raise missing_extra(e.name or "trl", "train") from e
+        torch = _torch()
+        cuda = bool(torch.cuda.is_available())
+        optim = self._optimizer(shape.optimizer, session.notes)
+        dtype = session.precision.compute_dtype
+        config = SFTConfig(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=shape.micro_batch_size,
+            per_device_eval_batch_size=shape.micro_batch_size,
+            gradient_accumulation_steps=shape.gradient_accumulation_steps,
+            num_train_epochs=shape.epochs,
+            max_steps=shape.max_steps if shape.max_steps is not None else -1,
+            learning_rate=shape.learning_rate,
+            lr_scheduler_type=shape.lr_scheduler,
+            warmup_steps=shape.warmup_ratio,
+            weight_decay=shape.weight_decay,
+            max_grad_norm=shape.max_grad_norm,
+            optim=optim,
+            seed=shape.seed,
+            data_seed=shape.seed,
+            gradient_checkpointing=shape.gradient_checkpointing,
+            logging_steps=shape.logging_steps,
+            save_strategy="steps" if shape.checkpoint_every_steps else "no",
+            save_steps=shape.checkpoint_every_steps or 500,
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=not cuda,
+            bf16=cuda and dtype == "bfloat16",
+            fp16=cuda and dtype == "float16",
+            max_length=shape.max_seq_length,
+            completion_only_loss=shape.completion_only_loss,
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+        )
+        trainer_cls = SFTTrainer if cuda else _cpu_trainer_class(SFTTrainer)
+        trainer = trainer_cls(
+            model=session.model,
+            args=config,
+            train_dataset=_to_dataset(Dataset, train),
+            eval_dataset=_to_dataset(Dataset, eval_data) if eval_data else None,
+            processing_class=session.tokenizer,
+            callbacks=list(callbacks),
+        )
+        started = time.monotonic()
+        trainer.train()
+        runtime = time.monotonic() - started
+        eval_loss: float | None = None
+        if eval_data:
+            metrics = trainer.evaluate()
+            value = metrics.get("eval_loss")
+            eval_loss = float(value) if value is not None and math.isfinite(value) else None
+        losses = tuple(
+            float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
+        )
+        return TrainOutcome(
+            steps=int(trainer.state.global_step),
+            losses=losses,
+            runtime_s=runtime,
+            train_tokens=int(trainer.state.num_input_tokens_seen or 0),
+            eval_loss=eval_loss,
+            optimizer=optim,
+        )
+
+    def save_adapter(self, session: ModelSession, dest: Path) -> list[Path]:
+        """Write the adapter and tokenizer files into ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        session.model.save_pretrained(str(dest), safe_serialization=True)
+        session.tokenizer.save_pretrained(str(dest))
+        return sorted(p for p in dest.rglob("*") if p.is_file())
+
+    def load_for_verification(
+        self,
+        model_dir: Path,
+        adapter_dir: Path,
+        precision: Precision,
+        *,
+        trust_remote_code: bool = False,
+    ) -> ModelSession:
+        """Load a fresh base model with the saved adapter on top, in eval mode."""
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise missing_extra("peft", "train") from e
+        base = self._load_base(model_dir, precision, trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        model.eval()
+        tokenizer = self._load_tokenizer(adapter_dir, trust_remote_code)
+        return ModelSession(model, tokenizer, precision, model_dir)
+
+
+def _cpu_trainer_class(sft_trainer: Any) -> Any:
+    """SFTTrainer with the model's own cross-entropy loss instead of TRL's fused LM head.
+
+    TRL 1.15 computes the SFT loss with a Triton kernel (``trl.kernels.ChunkedLogProbFunction``),
+    which exists only on CUDA/XPU; on the CPU ``compute_loss`` fails. The model's own loss
+    (``labels`` with -100 on masked tokens, the same completion mask) is the documented
+    ``Trainer`` path and gives the same objective.
+    """
+    from transformers import Trainer
+
+    class CpuSFTTrainer(sft_trainer):  # type: ignore[misc]
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(
+                self,
+                model,
+                inputs,
+                return_outputs=return_outputs,
+                num_items_in_batch=num_items_in_batch,
+            )
+
+    return CpuSFTTrainer
+
+
+def _to_dataset(dataset_cls: Any, examples: Sequence[TokenizedExample]) -> Any:
+    return dataset_cls.from_dict(
+        {
+            "input_ids": [list(e.input_ids) for e in examples],
+            "completion_mask": [list(e.completion_mask) for e in examples],
+        }
+    )
