@@ -248,9 +248,8 @@ def _verify_run(store: ObjectStore, run_prefix: str, *, via_latest: bool) -> Ver
         raise VerificationError(f"{store.uri(run_prefix)}: verification failed", problems)
     listed = {join_key(committed.prefix, f.path) for f in committed.files}
     listed.add(join_key(committed.prefix, MANIFEST_NAME))
-    extra = tuple(
-        store.uri(o.key) for o in store.list(f"{committed.prefix}/") if o.key not in listed
-    )
+    listing = store.list(f"{committed.prefix}/" if committed.prefix else "")
+    extra = tuple(store.uri(o.key) for o in listing if o.key not in listed)
     run_id = committed.manifest.get("run_id")
     return VerifyReport(
         run_id=str(run_id) if run_id else committed.prefix.rpartition("/")[2],

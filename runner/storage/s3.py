@@ -132,7 +132,7 @@ class S3Store:
         self._client: Any = boto3.session.Session().client(
             "s3", endpoint_url=self.endpoint, config=config
         )
-        chunk = max(8 << 20, multipart_threshold)
+        chunk = max(5 << 20, multipart_threshold)  # S3 parts are at least 5 MiB
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=chunk,
@@ -274,7 +274,12 @@ class S3Store:
                 return StorageError(
                     f"{uri}: {action} failed: credentials rejected ({code}); {creds}"
                 )
-            if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            if code == "403":  # a HEAD reply has no body to tell bad keys from missing rights
+                return StorageError(
+                    f"{uri}: {action} failed: access denied (HTTP 403): the credentials are "
+                    f"wrong or lack access to bucket '{self.bucket}'; {creds}"
+                )
+            if code in ("AccessDenied", "Forbidden") or status == 403:
                 return StorageError(
                     f"{uri}: {action} failed: access denied; grant these credentials access to "
                     f"bucket '{self.bucket}'"
