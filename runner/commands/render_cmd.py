@@ -7,8 +7,10 @@ is pure (plan, then build objects), so it works on a laptop with no cluster acce
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -16,9 +18,10 @@ from runner.errors import ExitCode, PlanError, SpecError
 from runner.k8s import crd_yaml, render_objects
 from runner.k8s.manifests import to_yaml
 from runner.k8s.names import is_dns1123_label
-from runner.plan import Plan
+from runner.plan import Plan, bundled_config, make_plan
+from runner.plan.model_config import bundled_shapes
 from runner.settings import Settings, load_settings
-from runner.spec import JobSpec, load_spec, spec_hash
+from runner.spec import load_spec, spec_hash
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -33,7 +36,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "examples:\n"
         "  qlora render examples/reference.yaml | kubectl apply -f -\n"
         "  qlora render job.yaml --queue team-a --namespace ml\n"
-        "  qlora render --crd | kubectl apply -f -",
+        "  qlora render --crd | kubectl apply -f -\n"
+        "  qlora render job.yaml --model-config llama-3.1-8b   # s3:// model, no S3 access",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("file", nargs="?", metavar="FILE", help="job spec (YAML or JSON)")
@@ -46,6 +50,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--plan",
         metavar="PLAN_JSON",
         help="use this plan (from 'qlora plan --json') instead of planning again",
+    )
+    p.add_argument(
+        "--model-config",
+        metavar="SHAPE|FILE",
+        help="plan with this config.json (a file, or a bundled shape such as llama-3.1-8b) "
+        "instead of reading it from spec.model.source, e.g. to render offline",
     )
     p.set_defaults(handler=_render)
 
@@ -71,7 +81,8 @@ def _render(args: argparse.Namespace) -> int:
                 f"run 'qlora plan {args.file} --json' again"
             )
     else:
-        plan = _make_plan(spec, settings)
+        model_config = _model_config(args.model_config) if args.model_config else None
+        plan = make_plan(spec, settings, model_config=model_config)
     objects = render_objects(spec, plan, settings, queue_name=args.queue, namespace=args.namespace)
     sys.stdout.write(to_yaml(objects))
     return int(ExitCode.OK)
@@ -97,5 +108,20 @@ def _load_plan(path: str) -> Plan:
         raise SpecError(f"{path}: not a plan written by 'qlora plan --json': {e}") from e
 
 
-def _make_plan(spec: JobSpec, settings: Settings) -> Plan:
-    raise PlanError("the planner is not available yet; pass --plan PLAN_JSON")
+def _model_config(value: str) -> dict[str, Any]:
+    path = Path(value)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SpecError(f"{value}: cannot read the model config: {e}") from e
+        if not isinstance(data, dict):
+            raise SpecError(f"{value}: a config.json holds a JSON object")
+        return data
+    found = bundled_config(value)
+    if found is None:
+        raise SpecError(
+            f"--model-config: '{value}' is neither a file nor a bundled shape; shapes: "
+            + ", ".join(sorted(bundled_shapes()))
+        )
+    return dict(found.config)

@@ -227,8 +227,19 @@ def status_schema() -> dict[str, Any]:
             "jobName": {**string, "description": "Name of the owned batch/v1 Job."},
             "configMapName": {**string, "description": "Name of the owned ConfigMap."},
             "adapterURI": {**string, "description": "URI of the published, verified adapter."},
-            "retries": {
-                "description": "Re-plans so far (e.g. after a CUDA out-of-memory exit).",
+            "microBatchSize": {
+                "description": "Planned sequences per forward pass.",
+                "type": "integer",
+                "format": "int32",
+            },
+            "gradientAccumulationSteps": {
+                "description": "Planned micro batches per optimizer step.",
+                "type": "integer",
+                "format": "int32",
+            },
+            "attempt": {
+                "description": "0 for the first try, +1 per re-plan after a CUDA out-of-memory "
+                "exit (the Job name ends in -r<attempt>).",
                 "type": "integer",
                 "format": "int32",
                 "minimum": 0,
