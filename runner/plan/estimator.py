@@ -56,8 +56,6 @@ class Calibration:
             is min(free / 2, 4 GiB)).
         unsloth_gpu_checkpoints: Layer inputs Unsloth keeps on the GPU while the rest are
             offloaded to host RAM (the current one and the one being prefetched).
-        hf_upcast_fp32: The plain-HF path runs peft's ``prepare_model_for_kbit_training``,
-            which casts every non-4-bit parameter to fp32.
         dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
             does not list the skipped modules (Unsloth: "<10 % more VRAM than BnB 4bit").
         host_base_bytes: Host RAM of the training process without offload (Python, CUDA
@@ -75,7 +73,6 @@ class Calibration:
     unsloth_ce_bytes: float = 16.0
     unsloth_ce_chunk_bytes: int = 4 * GIB
     unsloth_gpu_checkpoints: int = 2
-    hf_upcast_fp32: bool = True
     dynamic_4bit_allowance: float = 0.10
     host_base_bytes: int = 8 * GIB
     host_offload_factor: float = 1.25
@@ -101,6 +98,8 @@ class TrainingShape:
         optimizer: Optimizer name from the spec.
         compute_dtype: 'bfloat16', 'float16', 'float32' or 'auto' (= bfloat16 on GPUs).
         skip_modules: Modules a dynamic 4-bit checkpoint keeps in 16 bit.
+        hf_upcast_fp32: The transformers backend runs peft's ``prepare_model_for_kbit_training``
+            on 4-bit models (qlora run does), which casts every non-4-bit parameter to fp32.
     """
 
     quant_mode: str
@@ -114,6 +113,7 @@ class TrainingShape:
     optimizer: str = "adamw_8bit"
     compute_dtype: str = "bfloat16"
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    hf_upcast_fp32: bool = True
 
     @property
     def tokens(self) -> int:
@@ -237,7 +237,7 @@ def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[lis
             f"(nf4{' + double quant' if t.double_quant else ''}, block 64)",
         )
     )
-    upcast = t.backend == "transformers" and cal.hf_upcast_fp32
+    upcast = t.backend == "transformers" and t.hf_upcast_fp32
     width = 4 if upcast else 2
     n16 = rest + skipped
     what = "embeddings" + ("" if shape.tie_word_embeddings else ", lm_head") + ", norms"
