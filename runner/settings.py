@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     pushgateway_url: str | None = Field(
         None, description="Default Pushgateway when a spec names none."
     )
+    metrics_bind_address: str = Field(
+        "0.0.0.0",
+        description="Address the /metrics endpoint of a running job listens on "
+        "(the port is spec.metrics.port).",
+    )
     gpu_classes_file: str | None = Field(
         None, description="YAML file with the GPU class table (default: the bundled table)."
     )
