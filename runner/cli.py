@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "runner.commands.spec_cmds",
     "runner.commands.verify_cmd",
     "runner.commands.render_cmd",
+    "runner.commands.kube_cmds",
     "runner.commands.plan_cmd",
 )
 

@@ -127,8 +127,20 @@ class KubeApi(Protocol):
         """Delete with background propagation; False if it was already gone."""
         ...
 
-    def patch_status(self, res: Resource, namespace: str, name: str, status: Obj) -> Obj:
-        """Merge-patch the status subresource; returns the live object."""
+    def patch_status(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch the status subresource; returns the live object.
+
+        With ``resource_version`` the patch only applies to that version of the object
+        (else :class:`ConflictError`): status computed from a stale read is never written.
+        """
         ...
 
     def pod_logs(

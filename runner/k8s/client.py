@@ -216,13 +216,24 @@ class KubeClient:
             return False
         return True
 
-    def patch_status(self, res: Resource, namespace: str, name: str, status: Obj) -> Obj:
-        """Merge-patch ``status`` through the status subresource."""
+    def patch_status(
+        self,
+        res: Resource,
+        namespace: str,
+        name: str,
+        status: Obj,
+        *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch ``status`` through the status subresource (optimistic if versioned)."""
+        body: Obj = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         return self._json(
             "PATCH",
             res.path(namespace, name) + "/status",
             what=("patch", res, namespace, f"{name}/status"),
-            body={"status": status},
+            body=body,
             content_type="application/merge-patch+json",
         )
 

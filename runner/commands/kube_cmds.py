@@ -1,0 +1,208 @@
+"""``qlora submit | status | logs | cancel | operator``: the commands that talk to a cluster.
+
+Results go to stdout (the Job name, or with ``--wait`` the published adapter's URI), progress
+and pod logs to stderr, so ``uri=$(qlora submit --wait job.yaml)`` works in scripts. Exit
+codes: 0 ok, 2 invalid spec, 3 fits no GPU class (nothing is created), 8 Kubernetes API error
+(forbidden, not found, conflict, unreachable), 9 the job failed (reason printed), 10 the
+``kubernetes`` extra is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from runner.errors import ExitCode, SpecError
+
+if TYPE_CHECKING:
+    from runner.k8s.client import KubeClient
+    from runner.settings import Settings
+
+_EXIT_CODES = (
+    "exit codes: 0 ok | 2 invalid spec | 3 fits no GPU class (nothing created) | "
+    "8 Kubernetes API error | 9 job failed | 10 missing extra"
+)
+
+
+def _cluster_args(p: argparse.ArgumentParser, namespace: bool = True) -> None:
+    p.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: $KUBECONFIG, "
+                   "~/.kube/config, else the pod's service account)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+    if namespace:
+        p.add_argument("--namespace", "-n", help="namespace (default: $QLORA_NAMESPACE)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the cluster commands to the CLI."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "submit",
+        help="plan, render and apply a spec as a Job (server-side apply); --wait follows it",
+        description="Plan a spec, render its ConfigMap + Job and apply them with server-side "
+        "apply. A spec that fits no GPU class is refused before anything is created. "
+        "Submitting the same spec again changes nothing. With --wait, stream the pod's log to "
+        "stderr and print the published adapter's URI on stdout.\n\n"
+        "examples:\n  qlora submit job.yaml\n  uri=$(qlora submit --wait job.yaml)\n\n"
+        + _EXIT_CODES,
+        formatter_class=fmt,
+    )
+    p.add_argument("file", metavar="FILE", help="job spec (YAML or JSON)")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up waiting after this")
+    p.add_argument("--no-logs", action="store_true", help="with --wait: don't stream the log")
+    p.add_argument("--queue", metavar="NAME", help="Kueue LocalQueue (the Job starts suspended)")
+    _cluster_args(p)
+    p.set_defaults(handler=_submit)
+
+    p = sub.add_parser("status", help="show the Jobs of a submitted spec and how they ended",
+                       description="Show each Job of the spec NAME (its metadata.name): phase, "
+                       "GPU class, node, adapter URI or failure reason.\n\n" + _EXIT_CODES,
+                       formatter_class=fmt)
+    p.add_argument("name", metavar="NAME", help="the spec's metadata.name")
+    _cluster_args(p)
+    p.set_defaults(handler=_status)
+
+    p = sub.add_parser("logs", help="print the log of a submitted job's newest pod",
+                       description="Print the log of the newest pod of NAME's newest Job.")
+    p.add_argument("name", metavar="NAME", help="the spec's metadata.name")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
+    _cluster_args(p)
+    p.set_defaults(handler=_logs)
+
+    p = sub.add_parser("cancel", help="stop a submitted job and delete its objects",
+                       description="Delete the FineTuneJob NAME if there is one (its Job, pod "
+                       "and ConfigMap go with it), else the Jobs and ConfigMaps of spec NAME.")
+    p.add_argument("name", metavar="NAME", help="the spec's metadata.name")
+    _cluster_args(p)
+    p.set_defaults(handler=_cancel)
+
+    p = sub.add_parser(
+        "operator",
+        help="run the FineTuneJob controller (in the cluster, or against a kubeconfig)",
+        description="Watch FineTuneJobs and reconcile each: validate, plan, create the owned "
+        "ConfigMap + Job, mirror progress into status conditions, re-plan after a CUDA "
+        "out-of-memory exit. Level-triggered: a restarted operator resumes from the cluster.",
+        formatter_class=fmt,
+    )
+    _cluster_args(p)
+    p.add_argument("--all-namespaces", "-A", action="store_true",
+                   help="watch every namespace (default: only --namespace)")
+    p.add_argument("--once", action="store_true",
+                   help="reconcile every FineTuneJob once and exit")
+    p.add_argument("--max-seconds", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--resync", type=float, default=30.0, metavar="S",
+                   help="re-check every FineTuneJob at least this often (default 30)")
+    p.set_defaults(handler=_operator)
+
+
+def _settings() -> Settings:
+    from runner.settings import load_settings
+
+    try:
+        return load_settings()
+    except ValidationError as e:
+        lines = [
+            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors(include_url=False)
+        ]
+        raise SpecError("invalid settings in the QLORA_* environment", lines) from e
+
+
+def _client(args: argparse.Namespace) -> KubeClient:
+    from runner.errors import missing_extra
+
+    try:
+        from runner.k8s.client import load_client
+    except ImportError as e:
+        raise missing_extra("kubernetes", "k8s") from e
+    return load_client(args.kubeconfig, args.context)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from runner.k8s.submitter import Submitter
+    from runner.plan import make_plan
+    from runner.spec import load_spec
+
+    spec = load_spec(args.file)
+    settings = _settings()
+    plan = make_plan(spec, settings)  # refuses a spec that fits nothing: no API call yet
+    print(
+        f"plan: {plan.gpu_class.name}, {plan.quant_mode}, micro batch {plan.micro_batch_size} "
+        f"x {plan.gradient_accumulation_steps}, ~{plan.vram_estimate_bytes / 1024**3:.1f} GiB "
+        "VRAM",
+        file=sys.stderr,
+    )
+    submitter = Submitter(_client(args), settings)
+    done = submitter.submit(spec, namespace=args.namespace, queue_name=args.queue, plan=plan)
+    for applied in done.applied:
+        print(f"{done.namespace}: {applied}", file=sys.stderr)
+    if not args.wait:
+        print(f"job.batch/{done.job_name}")
+        return int(ExitCode.OK)
+    progress = submitter.wait(
+        done.namespace, done.job_name, follow_logs=not args.no_logs, timeout_s=args.timeout
+    )
+    print(progress.adapter_uri or f"job.batch/{done.job_name} completed (no adapter URI reported)")
+    return int(ExitCode.OK)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from runner.k8s.submitter import Submitter
+
+    settings = _settings()
+    ns = args.namespace or settings.namespace
+    submitter = Submitter(_client(args), settings)
+    ftj = submitter.finetunejob(args.name, ns)
+    if ftj is not None:
+        st = ftj.get("status") or {}
+        print(f"finetunejob/{args.name}: {st.get('phase', 'Pending')}  class "
+              f"{st.get('gpuClass', '-')}  {st.get('adapterURI') or st.get('message') or ''}")
+    rows = [("JOB", "CLASS", "PHASE", "NODE", "DETAIL")]
+    for job, progress in submitter.status(args.name, ns):
+        labels = job["metadata"].get("labels") or {}
+        detail = progress.adapter_uri or progress.message
+        if progress.exit_code not in (None, 0):
+            detail += f" (exit code {progress.exit_code})"
+        rows.append((job["metadata"]["name"], labels.get("qlora-runner.io/gpu-class", "-"),
+                     progress.phase, progress.node_name or "-", detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    return int(ExitCode.OK)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from runner.k8s.submitter import Submitter
+
+    settings = _settings()
+    Submitter(_client(args), settings).logs(
+        args.name, args.namespace or settings.namespace, follow=args.follow, out=sys.stdout
+    )
+    return int(ExitCode.OK)
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from runner.k8s.submitter import Submitter
+
+    settings = _settings()
+    for what in Submitter(_client(args), settings).cancel(
+        args.name, args.namespace or settings.namespace
+    ):
+        print(f"{what} deleted")
+    return int(ExitCode.OK)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from runner.k8s.operator import Operator
+
+    settings = _settings()
+    namespace = None if args.all_namespaces else (args.namespace or settings.namespace)
+    op = Operator(_client(args), settings, namespace=namespace, resync_s=args.resync)
+    if args.once:
+        op.reconcile_all()
+    else:
+        op.run(max_seconds=args.max_seconds)
+    return int(ExitCode.OK)
