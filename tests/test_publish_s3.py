@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from runner.errors import ExitCode, StorageError, VerificationError
 from runner.publish import publish_adapter, publish_to, verify_published
 from runner.storage import ObjectInfo
 from runner.storage.s3 import S3Store
-from tests.fixtures.s3 import S3Bucket
+from tests.fixtures.s3 import S3Bucket, SeaweedServer
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +222,29 @@ def test_verify_catches_a_swapped_manifest_and_a_hostile_pointer(
     )
     assert main(["verify", out]) == ExitCode.VERIFICATION_FAILED
     assert "invalid pointer" in capsys.readouterr().err
+
+
+def test_storage_outage_exit_5_then_a_rerun_publishes(
+    private_s3_server: SeaweedServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    private_s3_server.apply_env(monkeypatch)
+    bucket = private_s3_server.create_bucket()
+    out = f"s3://{bucket}/out"
+    adapter = make_adapter(tmp_path / "adapter")
+    settings = private_s3_server.settings(storage_retries=2)
+    private_s3_server.stop()
+    start = time.monotonic()
+    unreachable = r"\(after 2 retries\): cannot reach the S3 endpoint"
+    with pytest.raises(StorageError, match=unreachable) as e:
+        publish_adapter(adapter, out, METADATA, settings)
+    assert e.value.exit_code == ExitCode.STORAGE
+    assert time.monotonic() - start < 20
+    private_s3_server.start()
+    bucket_keys = S3Bucket(private_s3_server, bucket, private_s3_server.client()).keys
+    assert [k for k in bucket_keys() if k.endswith(("manifest.json", "latest.json"))] == []
+    result = publish_adapter(adapter, out, METADATA, settings)
+    assert main(["verify", out]) == ExitCode.OK
+    assert result.run_id in capsys.readouterr().out

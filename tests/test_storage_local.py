@@ -213,3 +213,26 @@ def test_fetch_local_paths_are_returned_as_is(tmp_path: Path) -> None:
     assert not (tmp_path / "dl").exists()
     with pytest.raises(UnsafeKeyError):
         fetch("ftp://host/x", tmp_path, Settings())
+
+
+def test_s3_endpoint_from_settings_then_standard_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.storage.s3 import endpoint_url
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert endpoint_url(Settings()) is None  # AWS itself
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
+    assert endpoint_url(Settings()) == "http://generic:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-only:2")
+    assert endpoint_url(Settings()) == "http://s3-only:2"
+    assert endpoint_url(Settings(s3_endpoint_url="http://settings:3")) == "http://settings:3"
+
+
+def test_retry_backoff_is_capped_and_jittered() -> None:
+    from runner.storage.s3 import RetryPolicy
+
+    policy = RetryPolicy(5, base_s=0.5, cap_s=4.0)
+    delays = [policy.delay_s(n) for n in range(6)]
+    assert all(0.25 <= delays[0] <= 0.5 for _ in range(1))
+    assert all(2.0 <= d <= 4.0 for d in delays[3:])  # 0.5 * 2**3 = 4 = the cap
+    assert sum(policy.delay_s(n) for n in range(5)) <= 0.5 + 1 + 2 + 4 + 4
