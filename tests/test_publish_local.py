@@ -19,6 +19,7 @@ from runner.storage import LocalStore, ObjectInfo, UnsafeKeyError
 from runner.storage.commit import (
     MANIFEST_NAME,
     commit_directory,
+    discard_committed,
     find_committed,
     read_committed,
     restore_directory,
@@ -174,3 +175,20 @@ def test_qlora_verify_cli_on_file_store(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert f"{result.run_uri}/tokenizer/tokenizer.json: missing" in err
     assert "Traceback" not in err
+
+
+def test_discard_removes_the_manifest_first(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    commit_directory(store, "ckpt/old", make_adapter(tmp_path / "a"), {})
+    commit_directory(store, "ckpt/new", make_adapter(tmp_path / "b"), {})
+    deleted: list[str] = []
+
+    class Recording(LocalStore):
+        def delete(self, key: str) -> None:
+            deleted.append(key)
+            super().delete(key)
+
+    assert discard_committed(Recording(tmp_path), "ckpt/old") == 4
+    assert deleted[0] == "ckpt/old/manifest.json"
+    assert find_committed(store, "ckpt") == ["ckpt/new"]
+    assert store.list("ckpt/old/") == []

@@ -319,3 +319,21 @@ def find_committed(store: ObjectStore, parent: str) -> list[str]:
 def utc_now() -> str:
     """The current UTC time as ``YYYY-MM-DDTHH:MM:SSZ`` (manifest ``created`` field)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def discard_committed(store: ObjectStore, prefix: str) -> int:
+    """Delete a committed prefix safely: the manifest first, then its files.
+
+    Removing the commit marker first means an interruption leaves an uncommitted prefix
+    (ignored by readers), never a manifest that points at deleted files. Used to prune old
+    checkpoints.
+
+    Returns:
+        The number of objects deleted.
+    """
+    prefix = check_key(prefix.strip("/"))
+    store.delete(join_key(prefix, MANIFEST_NAME))
+    objects = store.list(f"{prefix}/")
+    for info in objects:
+        store.delete(info.key)
+    return len(objects) + 1
