@@ -192,3 +192,14 @@ def test_discard_removes_the_manifest_first(tmp_path: Path) -> None:
     assert deleted[0] == "ckpt/old/manifest.json"
     assert find_committed(store, "ckpt") == ["ckpt/new"]
     assert store.list("ckpt/old/") == []
+
+
+def test_qlora_verify_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = publish_adapter(make_adapter(tmp_path / "a"), f"file://{tmp_path}/o", {}, Settings())
+    (tmp_path / "o" / "runs" / result.run_id / "stray.tmp").write_text("left over")
+    assert main(["verify", "--json", result.manifest_uri]) == ExitCode.OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["run_id"] == result.run_id
+    assert report["via_latest"] is False
+    assert [f["path"] for f in report["files"]] == [f.path for f in result.files]
+    assert report["extra"] == [f"{result.run_uri}/stray.tmp"]
