@@ -38,6 +38,10 @@ EXIT_CODE_OPERATORS = {"In", "NotIn"}
 POD_CONDITION_STATUSES = {"True", "False", "Unknown"}
 # Kinds whose schema kubernetes-validate does not bundle; they get their own checks below.
 CUSTOM_KINDS = {"FineTuneJob", "PodMonitor", "ServiceMonitor"}
+TRAINER_SELECTOR = {
+    "app.kubernetes.io/name": "qlora-runner",
+    "app.kubernetes.io/component": "trainer",
+}
 
 
 def validate_k8s(obj: dict[str, Any]) -> None:
@@ -214,7 +218,10 @@ def check_custom(doc: dict[str, Any]) -> None:
         validate_document(doc)
     else:
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
-        assert doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "qlora-runner"
+        selector = doc["spec"]["selector"]["matchLabels"]
+        if doc["kind"] == "PodMonitor":  # the labels every rendered training pod carries
+            assert selector == TRAINER_SELECTOR
+        assert selector
         endpoints = doc["spec"].get("podMetricsEndpoints") or doc["spec"].get("endpoints")
         assert endpoints and all(e["port"] for e in endpoints)
 
@@ -238,10 +245,10 @@ def test_operator_service_account_matches_rbac() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for _, d in manifest_docs()}
     deploy = docs[("Deployment", "qlora-operator")]
     sa = deploy["spec"]["template"]["spec"]["serviceAccountName"]
-    binding = docs[("ClusterRoleBinding", "qlora-operator")]
+    binding = docs[("RoleBinding", "qlora-operator")]
     assert {"kind": "ServiceAccount", "name": sa, "namespace": "qlora"} in binding["subjects"]
     assert ("ServiceAccount", sa) in docs
-    rules = docs[("ClusterRole", binding["roleRef"]["name"])]["rules"]
+    rules = docs[("Role", binding["roleRef"]["name"])]["rules"]
     granted = {
         (g, r, v)
         for rule in rules
@@ -256,13 +263,14 @@ def test_operator_service_account_matches_rbac() -> None:
         ("qlora-runner.io", "finetunejobs/status", "patch"),
         ("batch", "jobs", "create"),
         ("", "configmaps", "patch"),
-        ("", "pods/log", "get"),
+        ("", "pods", "watch"),
     ]:
         assert needed in granted
+    for unneeded in [("", "pods/log", "get"), ("", "events", "create"), ("", "pods", "delete")]:
+        assert unneeded not in granted
 
 
 def test_kustomization_builds_and_validates() -> None:
-
 
     kubectl = require_binary("kubectl")
     out = subprocess.run(
@@ -277,8 +285,8 @@ def test_kustomization_builds_and_validates() -> None:
         "Namespace",
         "CustomResourceDefinition",
         "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "Deployment",
     }
     for d in docs:

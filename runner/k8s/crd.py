@@ -237,6 +237,12 @@ def status_schema() -> dict[str, Any]:
                 "type": "integer",
                 "format": "int32",
             },
+            "retries": {
+                "description": "Re-plans so far after CUDA out-of-memory exits.",
+                "type": "integer",
+                "format": "int32",
+                "minimum": 0,
+            },
             "attempt": {
                 "description": "0 for the first try, +1 per re-plan after a CUDA out-of-memory "
                 "exit (the Job name ends in -r<attempt>).",

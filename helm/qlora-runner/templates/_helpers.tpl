@@ -1,0 +1,108 @@
+{{/*
+Chart name, overridable with nameOverride.
+*/}}
+{{- define "qlora-runner.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name. Truncated to 63 characters because some Kubernetes name fields are
+limited to that (DNS-1123 labels); a release name that already contains the chart name is used
+as is.
+*/}}
+{{- define "qlora-runner.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "qlora-runner.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Namespace of the release (namespaceOverride wins).
+*/}}
+{{- define "qlora-runner.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Namespace of the training jobs, which the operator watches unless watchAllNamespaces.
+*/}}
+{{- define "qlora-runner.jobsNamespace" -}}
+{{- default (include "qlora-runner.namespace" .) .Values.jobs.namespace }}
+{{- end }}
+
+{{/*
+Selector labels of the operator.
+*/}}
+{{- define "qlora-runner.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qlora-runner.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+Common labels.
+*/}}
+{{- define "qlora-runner.labels" -}}
+helm.sh/chart: {{ include "qlora-runner.chart" . }}
+{{ include "qlora-runner.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: qlora-runner
+{{- end }}
+
+{{/*
+Labels the renderer puts on every training pod (fixed: runner/k8s/manifests.py), which the
+PodMonitor and the metrics Service select on.
+*/}}
+{{- define "qlora-runner.trainerSelectorLabels" -}}
+app.kubernetes.io/name: qlora-runner
+app.kubernetes.io/component: trainer
+{{- end }}
+
+{{/*
+ServiceAccount name of the operator.
+*/}}
+{{- define "qlora-runner.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "qlora-runner.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Operator image (repository:tag, tag defaulting to the appVersion).
+*/}}
+{{- define "qlora-runner.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+Training image: jobs.image fields, each falling back to the operator image.
+*/}}
+{{- define "qlora-runner.jobImage" -}}
+{{- $repo := default .Values.image.repository .Values.jobs.image.repository }}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.jobs.image.tag }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/*
+Name of the ConfigMap holding the GPU class table.
+*/}}
+{{- define "qlora-runner.gpuClassesName" -}}
+{{- printf "%s-gpu-classes" (include "qlora-runner.fullname" . | trunc 51 | trimSuffix "-") }}
+{{- end }}

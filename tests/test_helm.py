@@ -1,0 +1,198 @@
+"""The Helm chart: every ``ci/*-values.yaml`` lints strictly, renders, and validates.
+
+Rendered objects go through the same checks as ``manifests/`` (kubernetes-validate strict
+for 1.30 and the newest bundled version, plus the project's own checks); the values schema
+must reject what the operator could not use.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from runner.k8s.crd import crd_manifest
+from runner.plan import parse_gpu_classes
+from runner.settings import Settings
+from tests.conftest import require_binary
+from tests.test_manifests_validate import CUSTOM_KINDS, TRAINER_SELECTOR, check, check_custom
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "qlora-runner"
+VARIANTS = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+def helm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    binary = require_binary("helm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_")}
+    env["KUBECONFIG"] = os.devnull
+    return subprocess.run(
+        [binary, *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd
+    )
+
+
+def template(*values: str, release: str = "ft", namespace: str = "ml") -> list[dict[str, Any]]:
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    for v in values:
+        args += ["-f", v]
+    out = helm(*args)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (deploy,) = by_kind(docs)["Deployment"]
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", "") for e in container["env"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_lint_strict(variant: Path) -> None:
+    out = helm("lint", "--strict", str(CHART), "-f", str(variant))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_template_validates(variant: Path) -> None:
+    docs = template(str(variant))
+    assert "Deployment" in by_kind(docs)
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63, name
+        if doc["kind"] in CUSTOM_KINDS:
+            check_custom(doc)
+        else:
+            check(doc)
+        assert doc["kind"] != "Secret", "the chart never holds credentials"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_operator_settings_are_real_settings(variant: Path) -> None:
+    docs = template(str(variant))
+    env = operator_env(docs)
+    known = {f"QLORA_{name.upper()}" for name in Settings.model_fields}
+    values = yaml.safe_load(variant.read_text(encoding="utf-8")) or {}
+    extra = {e["name"] for e in values.get("operator", {}).get("extraEnv", [])}
+    unknown = {k for k in env if k.startswith("QLORA_")} - known - extra
+    assert not unknown, f"not a Settings field: {unknown}"
+    for key in ("QLORA_NAMESPACE", "QLORA_IMAGE", "QLORA_GPU_CLASSES_FILE", "QLORA_S3_SECRET_NAME"):
+        assert env[key]
+    assert not any(k.startswith("AWS_") for k in env), "credentials only in the training pods"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_gpu_class_config_map_is_a_valid_class_table(variant: Path) -> None:
+    docs = template(str(variant))
+    (cm,) = [d for d in by_kind(docs)["ConfigMap"] if d["metadata"]["name"].endswith("-classes")]
+    table = parse_gpu_classes(yaml.safe_load(cm["data"]["gpu_classes.yaml"]), "chart")
+    assert table.classes
+    env = operator_env(docs)
+    (deploy,) = by_kind(docs)["Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "gpu-classes")
+    assert env["QLORA_GPU_CLASSES_FILE"] == f"{mount['mountPath']}/gpu_classes.yaml"
+    volume = next(v for v in pod["volumes"] if v["name"] == "gpu-classes")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+
+
+def test_default_class_table_is_the_bundled_one() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    bundled = yaml.safe_load((REPO / "runner" / "data" / "gpu_classes.yaml").read_text("utf-8"))
+    assert values["gpuClasses"] == bundled, "values.yaml gpuClasses drifted from the bundled table"
+
+
+def test_templated_crd_is_the_generated_one() -> None:
+    (crd,) = by_kind(template())["CustomResourceDefinition"]
+    generated = crd_manifest()
+    assert crd["spec"] == generated["spec"]
+    assert crd["metadata"]["name"] == generated["metadata"]["name"]
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+
+
+def test_rbac_scope_follows_watch_all_namespaces(tmp_path: Path) -> None:
+    namespaced = by_kind(template())
+    (role,) = namespaced["Role"]
+    assert role["metadata"]["namespace"] == "ml"
+    assert "ClusterRole" not in namespaced
+    cluster = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    assert "Role" not in cluster and "ClusterRole" in cluster
+    (deploy,) = cluster["Deployment"]
+    assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    (binding,) = cluster["ClusterRoleBinding"]
+    (sa,) = cluster["ServiceAccount"]
+    assert binding["subjects"][0]["name"] == sa["metadata"]["name"]
+    rules = role["rules"]
+    verbs = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
+    assert ("secrets", "get") not in verbs and not any(r == "secrets" for r, _ in verbs)
+    assert ("finetunejobs/status", "patch") in verbs and ("finetunejobs", "patch") not in verbs
+
+
+def test_monitors_select_the_training_pods() -> None:
+    docs = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    (service,) = docs["Service"]
+    (monitor,) = docs["ServiceMonitor"]
+    assert service["spec"]["selector"] == TRAINER_SELECTOR
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
+    (pod_monitor,) = docs["PodMonitor"]
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == TRAINER_SELECTOR
+    assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_manifests_and_chart_grant_the_same_rules() -> None:
+    chart_role = by_kind(template())["Role"][0]
+    docs = yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text(encoding="utf-8"))
+    plain_role = next(d for d in docs if d["kind"] == "Role")
+    assert chart_role["rules"] == plain_role["rules"]
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ("unknownKey: 1\n", "unknownKey"),
+        ("gpuClasses: {classes: [{name: 24GB, min_memory_mib: big}]}\n", "min_memory_mib"),
+        ("gpuClasses: {classes: []}\n", "classes"),
+        ("image: {repository: ''}\n", "repository"),
+        ("s3: {addressingStyle: sideways}\n", "addressingStyle"),
+        ("podMonitor: {enabled: yes-please}\n", "enabled"),
+    ],
+    ids=["unknown-key", "bad-class", "no-classes", "empty-image", "bad-style", "bad-bool"],
+)
+def test_values_schema_rejects(tmp_path: Path, values: str, fragment: str) -> None:
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text(values, encoding="utf-8")
+    out = helm("template", "x", str(CHART), "-f", str(bad))
+    assert out.returncode != 0
+    assert fragment in out.stderr
+
+
+def test_notes_print_next_commands() -> None:
+    out = helm("install", "ft", str(CHART), "--namespace", "ml", "--dry-run=client")
+    assert out.returncode == 0, out.stderr
+    notes = out.stdout.split("NOTES:", 1)[1]
+    assert "kubectl -n ml create secret generic qlora-s3" in notes
+    assert "rollout status deployment/ft-qlora-runner" in notes
+    assert "get finetunejobs" in notes
+
+
+def test_no_registry_host_in_the_chart() -> None:
+    for f in CHART.rglob("*"):
+        if f.is_file():
+            text = f.read_text(encoding="utf-8")
+            for host in ("docker.io", "ghcr.io", "nvcr.io", "quay.io", "gcr.io"):
+                assert host not in text, f"{f}: {host}"
