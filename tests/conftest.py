@@ -16,7 +16,11 @@ REPO = Path(__file__).resolve().parent.parent
 STRICT = os.environ.get("QLORA_TEST_STRICT") == "1"
 
 # Fixture modules, one per outside system; each starts its server on 127.0.0.1.
-pytest_plugins: list[str] = ["tests.fixtures.kube", "tests.fixtures.s3"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.kube",
+    "tests.fixtures.s3",
+    "tests.fixtures.prometheus",
+]
 
 
 def require_binary(name: str, env_dir: str | None = None) -> str:
