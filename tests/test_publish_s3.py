@@ -235,7 +235,7 @@ def test_storage_outage_exit_5_then_a_rerun_publishes(
     out = f"s3://{bucket}/out"
     adapter = make_adapter(tmp_path / "adapter")
     settings = private_s3_server.settings(storage_retries=2)
-    private_s3_server.stop()
+    private_s3_server.kill()  # a crash: no graceful shutdown
     start = time.monotonic()
     unreachable = r"\(after 2 retries\): cannot reach the S3 endpoint"
     with pytest.raises(StorageError, match=unreachable) as e:
