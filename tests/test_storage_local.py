@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runner.errors import ExitCode, StorageError
 from runner.settings import Settings
@@ -236,3 +238,15 @@ def test_retry_backoff_is_capped_and_jittered() -> None:
     assert all(0.25 <= delays[0] <= 0.5 for _ in range(1))
     assert all(2.0 <= d <= 4.0 for d in delays[3:])  # 0.5 * 2**3 = 4 = the cap
     assert sum(policy.delay_s(n) for n in range(5)) <= 0.5 + 1 + 2 + 4 + 4
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab./\\\x00\n~ ")), max_size=24))
+def test_any_accepted_key_stays_inside_the_root(key: str) -> None:
+    root = Path("/srv/store")
+    try:
+        checked = check_key(key)
+    except UnsafeKeyError:
+        return
+    resolved = (root / checked).resolve()
+    assert resolved.is_relative_to(root.resolve()) and resolved != root.resolve()
