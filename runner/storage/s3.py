@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runner.errors import StorageError, missing_extra
+from runner.errors import MissingDependencyError, StorageError
 from runner.settings import Settings
 from runner.storage.keys import check_key
 from runner.storage.ports import ObjectInfo, ObjectNotFoundError
@@ -37,7 +37,10 @@ try:
     from boto3.s3.transfer import TransferConfig
     from botocore.config import Config
 except ImportError as e:  # pragma: no cover - boto3 is a core dependency
-    raise missing_extra(e.name or "boto3", "s3") from e
+    raise MissingDependencyError(
+        f"{e.name or 'boto3'} is not installed; it is a core dependency: "
+        "pip install --force-reinstall qlora-runner"
+    ) from e
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
