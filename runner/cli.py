@@ -18,6 +18,7 @@ from runner.errors import ExitCode, RunnerError
 # Each module exposes register(subparsers); order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
     "runner.commands.spec_cmds",
+    "runner.commands.run_cmd",
     "runner.commands.verify_cmd",
     "runner.commands.render_cmd",
     "runner.commands.kube_cmds",

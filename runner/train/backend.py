@@ -246,6 +246,15 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cuda_bf16_supported() -> bool:
+    """Whether the visible CUDA device computes in bfloat16 (False without CUDA)."""
+    if not cuda_available():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
 def _unsloth_problem() -> str | None:
     """Why Unsloth cannot run here, or None when it can."""
     if importlib.util.find_spec(UNSLOTH_MODULE) is None:

@@ -46,6 +46,7 @@ TINY_CONFIG: dict[str, int | float | bool] = {
     "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
+    "initializer_range": 0.2,
 }
 
 

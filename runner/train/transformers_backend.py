@@ -48,6 +48,15 @@ def _device_map() -> dict[str, Any]:
     return {"": 0} if _torch().cuda.is_available() else {"": "cpu"}
 
 
+def quiet_progress_bars() -> None:
+    """Turn off tqdm bars of datasets and transformers: logs are structured records."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def linear_module_names(model: Any) -> set[str]:
     """Last name component of every linear layer (plain or 4-bit) in ``model``."""
     names: set[str] = set()
@@ -112,6 +121,7 @@ class TransformersBackend:
         except ImportError as e:
             raise missing_extra("peft", "train") from e
         torch = _torch()
+        quiet_progress_bars()
         notes: list[str] = []
         if precision.quant_mode == "dynamic-4bit":
             notes.append(
@@ -173,9 +183,11 @@ class TransformersBackend:
         """Train the session's LoRA weights in place with TRL's SFTTrainer."""
         try:
             from datasets import Dataset
+            from transformers import PrinterCallback
             from trl import SFTConfig, SFTTrainer
         except ImportError as e:
             raise missing_extra(e.name or "trl", "train") from e
+        quiet_progress_bars()
         torch = _torch()
         cuda = bool(torch.cuda.is_available())
         optim = self._optimizer(shape.optimizer, session.notes)
@@ -219,6 +231,8 @@ class TransformersBackend:
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )
+        # Progress is logged as structured records (runner.train.progress), not printed.
+        trainer.remove_callback(PrinterCallback)
         started = time.monotonic()
         trainer.train()
         runtime = time.monotonic() - started

@@ -1,0 +1,42 @@
+"""``qlora run``: the container entrypoint; trains, verifies and publishes one adapter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from runner.errors import ExitCode
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``qlora run`` to the CLI."""
+    p = sub.add_parser(
+        "run",
+        help="train, verify and publish an adapter (the container entrypoint)",
+        description="Run one fine-tuning job: load -> preflight -> train -> verify -> publish.\n"
+        "The spec is --spec FILE, else $QLORA_SPEC, else /etc/qlora/job.yaml; a plan.json "
+        "next to it fixes the batch shape and precision.\n\n"
+        "example: qlora run --spec examples/tiny-cpu.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--spec", metavar="FILE", help="job spec (default: $QLORA_SPEC or /etc/qlora/job.yaml)"
+    )
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from runner.recipe import run
+
+    result = run(args.spec)
+    summary = {
+        "run_id": result.run_id,
+        "run_uri": result.run_uri,
+        "manifest_uri": result.manifest_uri,
+        "first_loss": result.metadata["training"]["first_loss"],
+        "last_loss": result.metadata["training"]["last_loss"],
+        "steps": result.metadata["training"]["steps"],
+    }
+    print(json.dumps(summary), file=sys.stdout)
+    return int(ExitCode.OK)

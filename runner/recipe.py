@@ -1,0 +1,320 @@
+"""The training job, start to finish: what ``qlora run`` does inside the pod.
+
+Read it top to bottom; each phase is one block in :func:`run`:
+
+1. **loading**: spec (and ``plan.json`` beside it), base model files, data rows, tokenizer;
+2. **preflight**: format and tokenize the rows exactly as they will be trained; refuse empty,
+   malformed or loss-less data (exit 2) before any GPU time is spent;
+3. **training**: load the base model with LoRA attached, snapshot the LoRA tensors, train;
+4. **verifying**: the LoRA tensors changed and are finite; save the adapter; reload it on a
+   fresh base model, check hashes and logits (exit 4, nothing published, on failure);
+5. **publishing**: upload the adapter with a manifest written last (storage errors exit 5);
+6. **succeeded** / **failed**.
+
+Every phase change is logged and passed to ``on_phase`` hooks (metrics). The training stack
+and the storage client are only reached through :mod:`runner.train` and :mod:`runner.publish`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from runner import __version__
+from runner.errors import PlanError
+from runner.plan.types import Plan
+from runner.settings import Settings, load_settings
+from runner.spec import load_spec, resolve_spec_path, spec_hash
+
+log = logging.getLogger("runner.recipe")
+
+PLAN_FILE = "plan.json"
+"""Read from the spec's directory when present (the ConfigMap mounts both keys together)."""
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "unsloth",
+)
+
+
+class Phase(StrEnum):
+    """Where a run is; each value is logged and reported to ``on_phase`` hooks."""
+
+    LOADING = "loading"
+    PREFLIGHT = "preflight"
+    TRAINING = "training"
+    VERIFYING = "verifying"
+    PUBLISHING = "publishing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+PhaseHook = Callable[[Phase], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a successful run produced."""
+
+    run_id: str
+    run_uri: str
+    manifest_uri: str
+    metadata: dict[str, Any]
+
+
+def run(
+    spec_path: str | None = None,
+    *,
+    settings: Settings | None = None,
+    callbacks: Sequence[Any] = (),
+    on_phase: Sequence[PhaseHook] = (),
+) -> RunResult:
+    """Train, verify and publish one adapter.
+
+    Args:
+        spec_path: The job spec; None reads ``$QLORA_SPEC`` or ``/etc/qlora/job.yaml``.
+        settings: Deployment settings; default from the environment.
+        callbacks: Extra ``transformers.TrainerCallback`` objects (metrics, tests).
+        on_phase: Called with each :class:`Phase` as the run enters it.
+
+    Raises:
+        RunnerError: a subclass whose ``exit_code`` is the documented exit code.
+    """
+    settings = settings or load_settings()
+    started = time.monotonic()
+    phase = _PhaseTracker(on_phase)
+    try:
+        result = _run(resolve_spec_path(spec_path), settings, callbacks, phase)
+    except BaseException as e:
+        phase.enter(Phase.FAILED, error=type(e).__name__)
+        raise
+    phase.enter(Phase.SUCCEEDED, run_id=result.run_id, runtime_s=time.monotonic() - started)
+    return result
+
+
+def _run(
+    spec_path: str, settings: Settings, callbacks: Sequence[Any], phase: _PhaseTracker
+) -> RunResult:
+    # Imported here so `qlora --help` and the pure commands never load the training modules.
+    from runner.publish import publish_adapter
+    from runner.train import select_backend
+    from runner.train.backend import cuda_available, cuda_bf16_supported
+    from runner.train.dataset import load_rows
+    from runner.train.formatting import format_rows, resolve_chat_template
+    from runner.train.model_files import load_tokenizer, resolve_model
+    from runner.train.preflight import preflight
+    from runner.train.progress import make_progress_callback
+    from runner.train.resolve import resolve
+    from runner.train.verify import check_reloaded, check_weight_update, snapshot_lora
+
+    # 1. loading
+    phase.enter(Phase.LOADING, spec=spec_path)
+    job = load_spec(spec_path)
+    body = job.spec
+    plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
+    backend = select_backend(body.training.backend)
+    cuda = cuda_available()
+    decided = resolve(body, plan, cuda=cuda, bf16=cuda_bf16_supported())
+    for reason in decided.reasons:
+        log.info("resolved: %s", reason)
+    work = Path(settings.work_dir) / job.metadata.name
+    fetcher = _fetcher(work, settings)
+    base = resolve_model(body.model, fetcher)
+    data = load_rows(body.dataset, fetcher, seed=body.training.seed)
+    tokenizer = load_tokenizer(base.path, body.model.trust_remote_code)
+
+    # 2. preflight
+    phase.enter(Phase.PREFLIGHT)
+    template = resolve_chat_template(body.dataset, tokenizer)
+    max_len = decided.shape.max_seq_length
+    train_rows = format_rows(data.train, body.dataset, tokenizer, template)
+    train, report = preflight(train_rows, tokenizer, max_len)
+    eval_data, eval_report = None, None
+    if data.eval:
+        eval_rows = format_rows(data.eval, body.dataset, tokenizer, template)
+        eval_data, eval_report = preflight(eval_rows, tokenizer, max_len, name="eval")
+    log.info(
+        "preflight: %d rows, %d tokens, %.1f%% carry loss, %.1f%% of rows truncated",
+        report.rows,
+        report.tokens,
+        100 * report.loss_token_fraction,
+        100 * report.truncation_rate,
+        extra={"preflight": report.as_dict()},
+    )
+
+    # 3. training
+    phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
+    session = backend.load(
+        base.path,
+        decided.precision,
+        body.lora,
+        seed=body.training.seed,
+        max_seq_length=max_len,
+        trust_remote_code=body.model.trust_remote_code,
+    )
+    before = snapshot_lora(session.model)
+    outcome = backend.train(
+        session,
+        train,
+        eval_data,
+        decided.shape,
+        [make_progress_callback(), *callbacks],
+        work / "trainer",
+    )
+    after = snapshot_lora(session.model)
+    log.info(
+        "training done: %d steps, loss %s -> %s in %.1fs",
+        outcome.steps,
+        _fmt(outcome.first_loss),
+        _fmt(outcome.last_loss),
+        outcome.runtime_s,
+    )
+
+    # 4. verifying
+    phase.enter(Phase.VERIFYING)
+    weight_update = check_weight_update(before, after, body.lora.target_modules)
+    del before, after
+    adapter_dir = work / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    backend.save_adapter(session, adapter_dir)
+    notes = list(session.notes)
+    del session
+    gc.collect()
+    reloaded = backend.load_for_verification(
+        base.path,
+        adapter_dir,
+        decided.precision,
+        trust_remote_code=body.model.trust_remote_code,
+    )
+    reload_report = check_reloaded(reloaded, adapter_dir, train)
+    del reloaded
+    gc.collect()
+    log.info(
+        "adapter verified: %d LoRA tensors changed; reloaded logits differ from the base by "
+        "up to %.3g (threshold %g)",
+        weight_update["changed_tensors"],
+        reload_report["max_abs_logit_diff"],
+        reload_report["threshold"],
+    )
+
+    # 5. publishing
+    phase.enter(Phase.PUBLISHING, output=body.output.uri)
+    meta = {
+        "job_name": job.metadata.name,
+        "spec_hash": spec_hash(job),
+        "base_model": base.manifest_entry(),
+        "dataset": {
+            **data.manifest_entry(),
+            "format": body.dataset.format.value,
+            "train_on": body.dataset.train_on,
+            "preflight": report.as_dict(),
+            "eval_preflight": eval_report.as_dict() if eval_report else None,
+        },
+        "lora": body.lora.model_dump(mode="json"),
+        "training": _training_summary(backend.name, decided, plan, outcome, notes),
+        "verification": {"weight_update": weight_update, "reload": reload_report},
+        "libraries": library_versions(),
+    }
+    published = publish_adapter(adapter_dir, body.output.uri, meta, settings)
+    log.info("published %s", published.manifest_uri, extra={"run_id": published.run_id})
+    return RunResult(published.run_id, published.run_uri, published.manifest_uri, meta)
+
+
+class _PhaseTracker:
+    """Logs each phase with the time spent in the previous one and calls the hooks."""
+
+    def __init__(self, hooks: Sequence[PhaseHook]) -> None:
+        self.hooks = tuple(hooks)
+        self.current: Phase | None = None
+        self.since = time.monotonic()
+
+    def enter(self, phase: Phase, **fields: Any) -> None:
+        now = time.monotonic()
+        if self.current is not None:
+            fields[f"{self.current.value}_s"] = round(now - self.since, 3)
+        self.current, self.since = phase, now
+        level = logging.ERROR if phase is Phase.FAILED else logging.INFO
+        log.log(level, "phase %s", phase.value, extra={"phase": phase.value, **fields})
+        for hook in self.hooks:
+            hook(phase)
+
+
+def _read_plan(path: Path) -> Plan | None:
+    if not path.is_file():
+        return None
+    try:
+        plan = Plan.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise PlanError(f"{path}: not a valid plan: {e}") from e
+    log.info("using %s (class %s)", path, plan.gpu_class.name)
+    return plan
+
+
+def _fetcher(work: Path, settings: Settings) -> Callable[[str, Path], Path]:
+    def fetch(uri: str, sub: Path) -> Path:
+        from runner.storage import fetch as storage_fetch
+
+        log.info("fetching %s", uri)
+        return storage_fetch(uri, work / sub, settings)
+
+    return fetch
+
+
+def _training_summary(
+    backend: str, decided: Any, plan: Plan | None, outcome: Any, notes: list[str]
+) -> dict[str, Any]:
+    shape, precision = decided.shape, decided.precision
+    return {
+        "backend": backend,
+        "precision": vars(precision),
+        "micro_batch_size": shape.micro_batch_size,
+        "gradient_accumulation_steps": shape.gradient_accumulation_steps,
+        "max_seq_length": shape.max_seq_length,
+        "learning_rate": shape.learning_rate,
+        "optimizer": outcome.optimizer or shape.optimizer,
+        "plan": {"gpu_class": plan.gpu_class.name, "spec_hash": plan.spec_hash} if plan else None,
+        "resolved": list(decided.reasons),
+        "notes": notes,
+        "steps": outcome.steps,
+        "first_loss": outcome.first_loss,
+        "last_loss": outcome.last_loss,
+        "eval_loss": outcome.eval_loss,
+        "loss_curve": _downsample(outcome.losses, 100),
+        "train_tokens": outcome.train_tokens,
+        "runtime_s": round(outcome.runtime_s, 3),
+    }
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of Python, qlora-runner and the training stack (None where not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version(), "qlora-runner": __version__}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _downsample(values: Sequence[float], n: int) -> list[float]:
+    if len(values) <= n:
+        return [round(v, 5) for v in values]
+    return [round(values[round(i * (len(values) - 1) / (n - 1))], 5) for i in range(n)]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

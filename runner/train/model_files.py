@@ -1,0 +1,116 @@
+"""Where the base model's files are on local disk, and what exactly the model is.
+
+``spec.model.source`` is a local directory, an ``s3://`` prefix (downloaded once into the work
+directory through :func:`runner.storage.fetch`) or ``hf://org/name@revision``, read from the
+local Hugging Face cache only: a job never downloads from a model hub at run time. The
+identity recorded in the manifest (id, revision, sha256 of ``config.json``) lets a user tell
+which base an adapter belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner.errors import SpecError, missing_extra
+from runner.plan.model_config import hf_cache_dirs
+from runner.spec.model import ModelSourceKind, ModelSpec
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model on local disk.
+
+    Attributes:
+        path: Directory with ``config.json``, weights and tokenizer files.
+        source: ``spec.model.source`` as written.
+        model_id: ``org/name`` for hf://, else the directory or prefix name.
+        revision: The hub commit for hf://, else None.
+        config_sha256: sha256 of ``config.json``.
+    """
+
+    path: Path
+    source: str
+    model_id: str
+    revision: str | None
+    config_sha256: str
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """The ``base_model`` block of the published manifest."""
+        return {
+            "source": self.source,
+            "id": self.model_id,
+            "revision": self.revision,
+            "config_sha256": self.config_sha256,
+        }
+
+
+def resolve_model(spec: ModelSpec, fetch_dir: Callable[[str, Path], Path]) -> BaseModel:
+    """Find (or download) the base model and describe it.
+
+    Args:
+        spec: The model section of the job spec.
+        fetch_dir: Downloads an ``s3://`` prefix into a directory (``runner.storage.fetch``).
+
+    Raises:
+        SpecError: the directory, cache entry or ``config.json`` is missing (exit code 2).
+    """
+    revision: str | None = None
+    if spec.source_kind is ModelSourceKind.HF:
+        repo, wanted = spec.hf_repo
+        path, revision = _hf_snapshot(repo, wanted)
+        model_id = repo
+    elif spec.source_kind is ModelSourceKind.S3:
+        path = fetch_dir(spec.source, Path("model"))
+        model_id = spec.source.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        path = Path(spec.source)
+        model_id = path.resolve().name
+    config = path / "config.json"
+    if not config.is_file():
+        raise SpecError(
+            f"spec.model.source: {spec.source}: no config.json in {path}; point it at a model "
+            "directory (build the tiny test model with: python -m runner.train.tiny DIR)"
+        )
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    return BaseModel(path, spec.source, model_id, revision, digest)
+
+
+def _hf_snapshot(repo: str, revision: str) -> tuple[Path, str]:
+    folder = "models--" + repo.replace("/", "--")
+    for cache in hf_cache_dirs():
+        root = cache / folder
+        ref = root / "refs" / revision
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+        snapshots = root / "snapshots"
+        if snapshots.is_dir():
+            for snap in sorted(snapshots.iterdir()):
+                if snap.name.startswith(commit) and (snap / "config.json").is_file():
+                    return snap, snap.name
+    raise SpecError(
+        f"spec.model.source: hf://{repo}@{revision} is not in the local Hugging Face cache "
+        f"({', '.join(str(d) for d in hf_cache_dirs())}); jobs never download from a hub: "
+        "pre-populate the cache, or copy the model to s3:// and use that"
+    )
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, for formatting and the preflight (pad token set).
+
+    Raises:
+        SpecError: no tokenizer files in ``model_dir`` (exit code 2).
+    """
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise missing_extra("transformers", "train") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SpecError(f"spec.model.source: no usable tokenizer in {model_dir}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
