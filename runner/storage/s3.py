@@ -267,7 +267,7 @@ class S3Store:
         if isinstance(e, bexc.ClientError):
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if code in ("NoSuchKey", "404", "NotFound") and code != "NoSuchBucket":
+            if code in ("NoSuchKey", "404", "NotFound"):
                 return ObjectNotFoundError(f"{uri}: no such object")
             if code == "NoSuchBucket":
                 return StorageError(
