@@ -1,0 +1,136 @@
+"""The Dockerfile: hadolint-clean with no ignores, and the contract the rendered pods rely on.
+
+The image cannot be built here (no base image can be pulled), so what the pods depend on is
+checked in the text: the entrypoint, the non-root UID the Job's securityContext names, the
+writable directories, a base image taken as an ARG with no registry host, OCI labels, and no
+package caches left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runner.k8s import manifests
+from tests.conftest import require_binary
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO / "Dockerfile"
+REGISTRY_HOSTS = ("docker.io", "ghcr.io", "nvcr.io", "quay.io", "gcr.io", "registry.")
+
+
+def text() -> str:
+    return DOCKERFILE.read_text(encoding="utf-8")
+
+
+def instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with line continuations joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", text())
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    ins = instructions()
+    last_from = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    return ins[last_from:]
+
+
+def test_hadolint_clean_without_ignores(tmp_path: Path) -> None:
+    hadolint = require_binary("hadolint")
+    assert "hadolint ignore" not in text()
+    assert not (REPO / ".hadolint.yaml").exists() or "ignored" not in (
+        REPO / ".hadolint.yaml"
+    ).read_text(encoding="utf-8")
+    out = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout == "", out.stdout + out.stderr
+
+
+def test_hadolint_would_catch_a_regression(tmp_path: Path) -> None:
+    hadolint = require_binary("hadolint")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(text().replace("USER 10001:10001", "USER root"), encoding="utf-8")
+    out = subprocess.run(
+        [hadolint, "--no-color", str(bad)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode != 0 and "DL3002" in out.stdout  # last USER should not be root
+
+
+def test_base_image_is_an_arg_without_registry_host() -> None:
+    (arg,) = [rest for op, rest in instructions() if op == "ARG" and rest.startswith("BASE_IMAGE=")]
+    default = arg.split("=", 1)[1]
+    first = default.split("/", 1)[0]
+    assert "/" in default and "." not in first and ":" not in first and first != "localhost"
+    assert "cuda" in default and "runtime" in default
+    assert instructions()[1] == ("FROM", "${BASE_IMAGE} AS base")
+    for host in REGISTRY_HOSTS:
+        assert host not in text()
+
+
+def test_entrypoint_and_non_root_user() -> None:
+    stage = final_stage()
+    (entrypoint,) = [rest for op, rest in stage if op == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["qlora", "run"]
+    (user,) = [rest for op, rest in stage if op == "USER"]
+    uid, _, gid = user.partition(":")
+    assert int(uid) == manifests.RUN_AS_UID and int(gid) == manifests.RUN_AS_UID
+    assert [op for op, _ in stage][-1] == "ENTRYPOINT"
+
+
+def test_image_prepares_the_paths_the_pods_write() -> None:
+    stage = " ".join(rest for _, rest in final_stage())
+    for path in (manifests.CACHE_DIR, manifests.WORK_DIR, manifests.CONFIG_MOUNT_DIR):
+        assert path in stage
+    (workdir,) = [rest for op, rest in final_stage() if op == "WORKDIR"]
+    assert workdir == manifests.WORK_DIR
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["title", "description", "version", "licenses", "base.name"],
+)
+def test_oci_labels(label: str) -> None:
+    labels = " ".join(rest for op, rest in final_stage() if op == "LABEL")
+    assert f"org.opencontainers.image.{label}=" in labels
+
+
+def test_dependencies_pinned_and_no_caches_left() -> None:
+    runs = [rest for op, rest in instructions() if op == "RUN"]
+    pip = [r for r in runs if "pip install" in r]
+    assert pip and all("--no-cache-dir" in r for r in pip)
+    assert any("[gpu,k8s]" in r for r in pip), "the pinned extras from pyproject.toml"
+    for r in runs:
+        if "apt-get install" in r:
+            assert "rm -rf /var/lib/apt/lists/*" in r and "--no-install-recommends" in r
+            packages = [w for w in r.split() if re.match(r"^[a-z0-9][a-z0-9.+-]+=", w)]
+            assert packages and all("=" in p for p in packages)
+    env = " ".join(rest for op, rest in instructions() if op == "ENV")
+    assert "PIP_NO_CACHE_DIR=1" in env
+
+
+def test_dockerignore_sends_only_the_package() -> None:
+    lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    rules = [x for x in lines if x and not x.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = set()
+    for op, rest in instructions():
+        if op == "COPY" and not rest.startswith("--from"):
+            copied |= {Path(p).as_posix().rstrip("/") for p in rest.split()[:-1]}
+    assert copied <= allowed, copied - allowed
+    assert {".venv", ".git", "tests"}.isdisjoint(allowed)
