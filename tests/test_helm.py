@@ -19,7 +19,13 @@ from runner.k8s.crd import crd_manifest
 from runner.plan import parse_gpu_classes
 from runner.settings import Settings
 from tests.conftest import require_binary
-from tests.test_manifests_validate import CUSTOM_KINDS, TRAINER_SELECTOR, check, check_custom
+from tests.test_manifests_validate import (
+    CUSTOM_KINDS,
+    TRAINER_SELECTOR,
+    check,
+    check_custom,
+    rbac_grants,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "helm" / "qlora-runner"
@@ -158,7 +164,9 @@ def test_manifests_and_chart_grant_the_same_rules() -> None:
     chart_role = by_kind(template())["Role"][0]
     docs = yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text(encoding="utf-8"))
     plain_role = next(d for d in docs if d["kind"] == "Role")
-    assert chart_role["rules"] == plain_role["rules"]
+    assert rbac_grants(chart_role["rules"]) == rbac_grants(plain_role["rules"])
+    cluster_role = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))["ClusterRole"]
+    assert rbac_grants(cluster_role[0]["rules"]) == rbac_grants(plain_role["rules"])
 
 
 @pytest.mark.parametrize(
