@@ -42,7 +42,9 @@ spec:
 """
 
 
-def qlora(args: list[str], kubeconfig: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def qlora(
+    args: list[str], kubeconfig: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would, in its own process."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
     env.update(KUBECONFIG=str(kubeconfig), QLORA_LOG_FORMAT="text")

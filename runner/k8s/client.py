@@ -68,10 +68,21 @@ _TIMEOUT = (5.0, 60.0)  # connect, read (seconds) for ordinary calls
 
 
 def load_client(
-    kubeconfig: str | None = None, context: str | None = None, *, timeout_s: float = 60.0
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    *,
+    timeout_s: float = 60.0,
+    impersonate: str | None = None,
 ) -> KubeClient:
     """A client from a kubeconfig (``--kubeconfig`` > ``$KUBECONFIG`` > ``~/.kube/config``),
     or from the pod's service account when running in a cluster.
+
+    Args:
+        kubeconfig: Kubeconfig file.
+        context: Context in it.
+        timeout_s: Read timeout of ordinary calls.
+        impersonate: Act as this user (``Impersonate-User``), e.g. to check what a
+            ServiceAccount may do.
 
     Raises:
         KubernetesError: no usable configuration.
@@ -97,7 +108,10 @@ def load_client(
             + (f", context {context}" if context else "")
             + f"): {e}; pass --kubeconfig/--context or set KUBECONFIG"
         ) from e
-    return KubeClient(k8s_client.ApiClient(cfg), timeout_s=timeout_s)
+    api_client = k8s_client.ApiClient(cfg)
+    if impersonate:
+        api_client.set_default_header("Impersonate-User", impersonate)  # type: ignore[no-untyped-call]
+    return KubeClient(api_client, timeout_s=timeout_s)
 
 
 class KubeClient:

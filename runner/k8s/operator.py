@@ -27,24 +27,16 @@ One reconcile of a FineTuneJob:
 7. Status is written through the status subresource with the resourceVersion that was read:
    a 409 conflict (the object changed meanwhile) re-reads and reconciles again.
 
-RBAC the operator's ServiceAccount needs (exactly these, nothing more; a ClusterRole when it
-watches every namespace, else a Role in its namespace):
-
-==========================  =============================  ====================================
-API group                   resources                      verbs
-==========================  =============================  ====================================
-``qlora-runner.io``         ``finetunejobs``               get, list, watch
-``qlora-runner.io``         ``finetunejobs/status``        get, patch, update
-``batch``                   ``jobs``                       get, list, watch, create, patch,
-                                                           delete
-``""`` (core)               ``configmaps``                 get, list, watch, create, patch,
-                                                           delete
-``""`` (core)               ``pods``                       get, list, watch
-==========================  =============================  ====================================
-
-(create: server-side apply of an object that does not exist yet is authorised as create;
-patch: server-side apply and status merge-patches; delete: a Job of an outdated spec. The
-operator reads pods only for their termination messages: no pods/log, no secrets, no events.)
+RBAC the operator's ServiceAccount needs: exactly :data:`RBAC_RULES`, nothing more. The
+operator watches one namespace (``$QLORA_NAMESPACE``) unless started with ``--all-namespaces``,
+so the rules belong in a **Role + RoleBinding in that namespace**; only ``--all-namespaces``
+needs a ClusterRole. (create: server-side apply of an object that does not exist yet is
+authorised as create; patch: server-side apply and the status merge-patch; delete: a running
+Job of an outdated spec; finetunejobs/finalizers update: the OwnerReferencesPermissionEnforcement
+admission plugin asks for it before it accepts ``blockOwnerDeletion`` owner references. Pods are
+read only for their termination messages: no pods/log, no events, no secrets, and no write to
+the FineTuneJob itself.) ``tests/test_k8s_rbac.py`` checks ``manifests/rbac.yaml`` against this
+table with impersonation.
 """
 
 from __future__ import annotations
@@ -88,6 +80,17 @@ from runner.spec import JobSpec, spec_hash, validate_document
 log = logging.getLogger(__name__)
 
 MANAGED_BY = "qlora-operator"
+
+RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (API group, resource, verbs)
+    ("qlora-runner.io", "finetunejobs", ("get", "list", "watch")),
+    ("qlora-runner.io", "finetunejobs/status", ("patch",)),
+    ("qlora-runner.io", "finetunejobs/finalizers", ("update",)),
+    ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
+    ("", "configmaps", ("get", "list", "watch", "create", "patch", "delete")),
+    ("", "pods", ("get", "list", "watch")),
+)
+"""The API calls the operator makes, as RBAC rules (see the module docstring)."""
 OOM_EXIT_CODE = 6
 Key = tuple[str, str]
 
@@ -222,6 +225,9 @@ class Operator:
             except RunnerError as e:
                 log.error("reconcile of finetunejob %s/%s failed: %s", namespace, name,
                           "; ".join(e.lines()))
+                return
+            except Exception:  # a bug must not stop the controller for every other object
+                log.exception("reconcile of finetunejob %s/%s crashed", namespace, name)
                 return
 
     # -- one reconcile -----------------------------------------------------------------------

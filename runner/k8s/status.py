@@ -19,15 +19,14 @@ the line and :func:`write_termination_message` writes it. If the file holds some
 log lines there), :func:`parse_termination_message` keeps its last non-empty line as the reason
 and takes the exit code from the container status.
 
-FineTuneJob status (written by the operator; the CRD's status schema must allow these keys)
---------------------------------------------------------------------------------------------
-``phase`` (Pending | Planned | Running | Succeeded | Failed), ``observedGeneration`` (int),
-``specHash`` (str), ``gpuClass`` (str), ``vramEstimate`` (str, e.g. ``"17.4 GiB"``),
-``vramEstimateBytes`` (int), ``microBatchSize`` (int), ``gradientAccumulationSteps`` (int),
-``jobName`` (str), ``adapterURI`` (str), ``reason`` (str), ``message`` (str), ``attempt``
-(int, 0 for the first try, +1 per out-of-memory re-plan), and ``conditions``: a list of
-``{type, status, reason, message, lastTransitionTime, observedGeneration}`` with types
-``Planned``, ``Running``, ``Succeeded``, ``Failed``.
+FineTuneJob status (written by the operator; the CRD's status schema, ``runner.k8s.crd``)
+------------------------------------------------------------------------------------------
+``phase`` (Pending | Planned | Running | Succeeded | Failed), ``observedGeneration``,
+``specHash``, ``gpuClass``, ``vramEstimate`` (``"17.4 GiB"``), ``vramEstimateBytes``,
+``quantMode``, ``backend``, ``jobName``, ``configMapName``, ``adapterURI``, ``retries`` (0 for
+the first try, +1 per out-of-memory re-plan), ``startTime``, ``completionTime``, ``reason``,
+``message``, and ``conditions``: ``{type, status, reason, message, lastTransitionTime,
+observedGeneration}`` with types ``Planned``, ``Running``, ``Succeeded``, ``Failed``.
 """
 
 from __future__ import annotations
