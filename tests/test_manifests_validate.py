@@ -127,13 +127,24 @@ def check(obj: dict[str, Any]) -> None:
 
 
 def plan_for(path: Path) -> Plan:
-    """The real planner's plan; s3:// models (no store here) use the bundled 8B shape."""
+    """The real planner's plan.
+
+    The model's config.json must be readable offline: s3:// models (no store here) use the
+    bundled 8B shape, and a local model directory that is not built yet (the CPU demo's tiny
+    model) the bundled 1B shape.
+    """
     spec = load_spec(path)
-    if spec.spec.model.source_kind is ModelSourceKind.S3:
-        found = bundled_config("llama-3.1-8b")
-        assert found is not None
-        return make_plan(spec, SETTINGS, model_config=found.config)
-    return make_plan(spec, SETTINGS)
+    source = spec.spec.model
+    shape = None
+    if source.source_kind is ModelSourceKind.S3:
+        shape = "llama-3.1-8b"
+    elif source.source_kind is ModelSourceKind.LOCAL and not Path(source.source).exists():
+        shape = "llama-3.2-1b"
+    if shape is None:
+        return make_plan(spec, SETTINGS)
+    found = bundled_config(shape)
+    assert found is not None
+    return make_plan(spec, SETTINGS, model_config=found.config)
 
 
 def rendered(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
