@@ -20,6 +20,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures.kube",
     "tests.fixtures.s3",
     "tests.fixtures.prometheus",
+    "tests.fixtures.tiny_model",
 ]
 
 

@@ -122,8 +122,9 @@ def check_weight_update(
         f"{t}: targeted but has no LoRA adapter" for t in target_modules if t not in present
     ]
     if problems:
+        failed = {p.split(": ", 1)[0] for p in problems}
         raise VerificationError(
-            f"weight-update check failed for {len(problems)} adapter module(s); nothing was "
+            f"weight-update check failed for {len(failed)} adapter module(s); nothing was "
             "published",
             details=sorted(set(problems))[:20],
         )

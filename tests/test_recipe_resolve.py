@@ -1,0 +1,127 @@
+"""Resolving 'auto' (plan.json or local defaults) and choosing the backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.errors import PlanError, SpecError
+from runner.plan.types import GpuClass, Plan
+from runner.recipe import _read_plan
+from runner.spec import load_spec_text
+from runner.spec.model import JobBody
+from runner.train.backend import select_backend
+from runner.train.resolve import CPU_MICRO_BATCH, resolve
+
+BASE = """
+apiVersion: qlora-runner.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: t}
+spec:
+  model: {source: ./m}
+  dataset: {sources: [d.jsonl]}
+  output: {uri: file://out}
+"""
+
+
+def _body(**sections: dict[str, Any]) -> JobBody:
+    spec = load_spec_text(BASE)
+    body = spec.spec.model_dump(mode="json")
+    for name, values in sections.items():
+        body[name] = {**body[name], **values}
+    return JobBody.model_validate(body)
+
+
+def _plan(**kw: Any) -> Plan:
+    fields: dict[str, Any] = {
+        "spec_hash": "0" * 64,
+        "gpu_class": GpuClass("24GB", 23000),
+        "backend": "unsloth",
+        "quant_mode": "16bit",
+        "micro_batch_size": 3,
+        "gradient_accumulation_steps": 5,
+        "vram_terms": (),
+        "vram_estimate_bytes": 1,
+        "host_memory_bytes": 1,
+        "cpu_cores": 4,
+        "tokens_per_step": 1,
+    }
+    return Plan(**{**fields, **kw})
+
+
+@pytest.mark.parametrize(
+    ("sections", "cuda", "bf16", "expected"),
+    [
+        pytest.param({}, False, False, ("4bit", "float32", CPU_MICRO_BATCH, 4), id="cpu-defaults"),
+        pytest.param({}, True, True, ("4bit", "bfloat16", 1, 16), id="gpu-no-plan"),
+        pytest.param({}, True, False, ("4bit", "float16", 1, 16), id="gpu-no-bf16"),
+        pytest.param(
+            {"training": {"micro_batch_size": 2}, "quantization": {"mode": "16bit"}},
+            False,
+            False,
+            ("16bit", "float32", 2, 8),
+            id="explicit-micro-auto-accumulation",
+        ),
+        pytest.param(
+            {
+                "training": {"micro_batch_size": 2, "gradient_accumulation_steps": 3},
+                "quantization": {"compute_dtype": "bfloat16"},
+            },
+            False,
+            False,
+            ("4bit", "bfloat16", 2, 3),
+            id="all-explicit",
+        ),
+    ],
+)
+def test_resolve_without_plan(
+    sections: dict[str, Any], cuda: bool, bf16: bool, expected: tuple[str, str, int, int]
+) -> None:
+    r = resolve(_body(**sections), None, cuda=cuda, bf16=bf16)
+    got = (
+        r.precision.quant_mode,
+        r.precision.compute_dtype,
+        r.shape.micro_batch_size,
+        r.shape.gradient_accumulation_steps,
+    )
+    assert got == expected
+    if "auto" in str(sections) or not sections:
+        assert r.reasons, "every auto decision is explained"
+
+
+def test_plan_wins_over_local_defaults() -> None:
+    r = resolve(_body(training={"micro_batch_size": 8}), _plan(), cuda=True, bf16=True)
+    assert (r.precision.quant_mode, r.shape.micro_batch_size) == ("16bit", 3)
+    assert r.shape.gradient_accumulation_steps == 5
+    assert any("plan.json overrides training.micro_batch_size 8" in x for x in r.reasons)
+
+
+def test_completion_only_follows_train_on() -> None:
+    assert resolve(_body(), None, cuda=False, bf16=False).shape.completion_only_loss
+    body = _body(dataset={"train_on": "all"})
+    assert not resolve(body, None, cuda=False, bf16=False).shape.completion_only_loss
+
+
+def test_plan_json_round_trip_and_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    assert _read_plan(path) is None
+    path.write_text(_plan().to_json())
+    plan = _read_plan(path)
+    assert plan is not None and plan.micro_batch_size == 3
+    path.write_text('{"spec_hash": 1}')
+    with pytest.raises(PlanError, match=r"plan\.json: not a valid plan"):
+        _read_plan(path)
+
+
+def test_forcing_unsloth_without_cuda_is_a_spec_error() -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(SpecError, match=r"spec.training.backend: 'unsloth' cannot run here"):
+        select_backend("unsloth")
+
+
+def test_auto_falls_back_to_transformers_on_cpu() -> None:
+    pytest.importorskip("transformers")
+    assert select_backend("auto").name == "transformers"
+    assert select_backend("transformers").name == "transformers"
