@@ -374,9 +374,10 @@ def test_kueue_queue_suspends(queue: str | None) -> None:
     assert names.LABEL_KUEUE_QUEUE not in job["spec"]["template"]["metadata"]["labels"]
 
 
-def test_invalid_queue_name() -> None:
-    with pytest.raises(ValueError, match="DNS-1123"):
-        render(queue_name="Team A")
+@pytest.mark.parametrize("queue", ["Team A", "", "q" * 64], ids=["space", "empty", "long"])
+def test_invalid_queue_name_is_a_spec_error(queue: str) -> None:
+    with pytest.raises(SpecError, match=r"kueue\.x-k8s\.io/queue-name"):
+        render(queue_name=queue)
 
 
 def test_metrics_scrape_metadata() -> None:

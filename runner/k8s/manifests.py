@@ -124,14 +124,17 @@ def render_objects(
         ``[ConfigMap, Job]`` as plain dicts.
 
     Raises:
-        SpecError: ``metadata.labels`` holds an invalid or reserved label.
-        ValueError: ``owner`` lacks apiVersion, kind, name or uid, or ``queue_name`` is not
-            a DNS-1123 label (programming errors of the caller).
+        SpecError: ``metadata.labels`` holds an invalid or reserved label, or ``queue_name``
+            cannot be a label value (exit code 2; the operator reports it as a condition).
+        ValueError: ``owner`` lacks apiVersion, kind, name or uid (a programming error).
     """
     name = names.job_name(spec, attempt)
     ns = namespace or _owner_namespace(owner) or settings.namespace
-    if queue_name is not None and not names.is_dns1123_label(queue_name):
-        raise ValueError(f"queue name '{queue_name}' is not a DNS-1123 label")
+    if queue_name is not None and not (queue_name and names.is_label_value(queue_name)):
+        raise SpecError(
+            f"{names.LABEL_KUEUE_QUEUE}: '{queue_name}' is not a valid queue name "
+            "(a LocalQueue name: a-z 0-9 -, at most 63 characters)"
+        )
     labels = _labels(spec, plan, managed_by, attempt)
     meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": labels}
     if owner is not None:
