@@ -30,9 +30,6 @@ from urllib.error import URLError
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import push_to_gateway, start_http_server
 
-from runner.settings import Settings
-from runner.spec.model import JobSpec
-
 log = logging.getLogger(__name__)
 
 PREFIX = "qlora"
@@ -362,9 +359,9 @@ def push_metrics(
 ) -> bool:
     """Replace this run's group on a Pushgateway with the current values.
 
-    The group is ``job=<job>``, ``run=<run_id>``, so a restarted attempt of the same run
-    overwrites its predecessor and different runs stay apart. A failing push is logged, never
-    raised: metrics must not fail a job that trained and published.
+    The group is ``job=<job>``, ``run=<run_id>``: pushing again for the same run replaces its
+    values, and different runs stay apart. A failing push is logged, never raised: metrics must
+    not fail a job that trained and published.
 
     Args:
         metrics: What to push.
@@ -391,90 +388,3 @@ def push_metrics(
         return False
     log.info("metrics: pushed to %s (job=%s, run=%s)", gateway_url, job, run_id)
     return True
-
-
-class JobMetrics:
-    """The metrics side of one ``qlora run``: values, the ``/metrics`` server, the final push.
-
-    The recipe calls :meth:`open` first, :meth:`RunMetrics.set_phase` at each phase, and
-    :meth:`close` with the exit code in a ``finally``, whatever happened.
-
-    Args:
-        metrics: The run's values.
-        job: ``metadata.name`` (the Pushgateway's ``job``).
-        run_id: The run's id (the Pushgateway's ``run``).
-        server: The ``/metrics`` server, or None when ``spec.metrics.enabled`` is false.
-        pushgateway_url: Where to push at the end, or None.
-    """
-
-    def __init__(
-        self,
-        metrics: RunMetrics,
-        *,
-        job: str,
-        run_id: str,
-        server: MetricsServer | None = None,
-        pushgateway_url: str | None = None,
-    ) -> None:
-        self.metrics = metrics
-        self.job = job
-        self.run_id = run_id
-        self.server = server
-        self.pushgateway_url = pushgateway_url
-        self.pushed: bool | None = None
-
-    @classmethod
-    def for_spec(
-        cls,
-        spec: JobSpec,
-        settings: Settings,
-        run_id: str,
-        registry: CollectorRegistry | None = None,
-    ) -> JobMetrics:
-        """Metrics as the spec and the deployment settings configure them.
-
-        The server listens on ``spec.metrics.port`` at ``settings.metrics_bind_address`` when
-        ``spec.metrics.enabled``; the push goes to ``spec.metrics.pushgateway_url``, else
-        ``settings.pushgateway_url``, else nowhere.
-        """
-        metrics = RunMetrics(registry)
-        body = spec.spec
-        server = None
-        if body.metrics.enabled:
-            server = MetricsServer(metrics, body.metrics.port, settings.metrics_bind_address)
-        metrics.set_job(
-            spec.metadata.name,
-            backend=body.training.backend.value,
-            gpu_class=body.resources.gpu_class,
-            quant_mode=body.quantization.mode.value,
-        )
-        return cls(
-            metrics,
-            job=spec.metadata.name,
-            run_id=run_id,
-            server=server,
-            pushgateway_url=body.metrics.pushgateway_url or settings.pushgateway_url,
-        )
-
-    def open(self) -> RunMetrics:
-        """Mark the start, enter ``loading`` and start serving; returns the values to update."""
-        self.metrics.start()
-        self.metrics.set_phase(Phase.LOADING)
-        if self.server is not None:
-            self.server.start()
-        return self.metrics
-
-    def close(self, exit_code: int) -> None:
-        """Record the outcome, push it (if a gateway is configured) and stop serving.
-
-        Never raises for a metrics problem: a failed push is logged.
-        """
-        try:
-            self.metrics.finish(exit_code)
-            if self.pushgateway_url:
-                self.pushed = push_metrics(
-                    self.metrics, self.pushgateway_url, job=self.job, run_id=self.run_id
-                )
-        finally:
-            if self.server is not None:
-                self.server.stop()

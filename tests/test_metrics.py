@@ -19,14 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runner.metrics import (
     DeviceMemory,
-    JobMetrics,
     MetricsServer,
     Phase,
     RunMetrics,
     push_metrics,
 )
-from runner.settings import Settings
-from runner.spec import JobSpec, validate_document
 from tests.conftest import require_binary
 from tests.fixtures.prometheus import Pushgateway, free_port, http_get
 
@@ -308,72 +305,3 @@ def test_push_to_a_gateway_that_never_answers_is_bounded(caplog: pytest.LogCaptu
     assert ok is False
     assert elapsed < 5.0
     assert "failed" in caplog.text
-
-
-# --- configuration --------------------------------------------------------------------------
-
-
-def _spec(metrics: dict[str, object] | None = None) -> JobSpec:
-    doc: dict[str, object] = {
-        "apiVersion": "qlora-runner.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "support-bot"},
-        "spec": {
-            "model": {"source": "./model"},
-            "dataset": {"sources": ["./data.jsonl"]},
-            "output": {"uri": "file://./out"},
-            "resources": {"gpu_class": "24GB"},
-            **({"metrics": metrics} if metrics is not None else {}),
-        },
-    }
-    return validate_document(doc)
-
-
-@pytest.mark.parametrize(
-    ("spec_url", "settings_url", "expected"),
-    [
-        ("http://spec-gw:9091", "http://settings-gw:9091", "http://spec-gw:9091"),
-        (None, "http://settings-gw:9091", "http://settings-gw:9091"),
-        (None, None, None),
-    ],
-    ids=["spec-wins", "settings-default", "none"],
-)
-def test_job_metrics_takes_the_gateway_from_the_spec_else_settings(
-    spec_url: str | None, settings_url: str | None, expected: str | None
-) -> None:
-    spec = _spec({"pushgateway_url": spec_url} if spec_url else None)
-    jm = JobMetrics.for_spec(spec, Settings(pushgateway_url=settings_url), "r1")
-    assert jm.pushgateway_url == expected
-    assert jm.server is not None and jm.server.port == 9400
-    assert (
-        jm.metrics.value(
-            "qlora_job_info",
-            job_name="support-bot",
-            backend="auto",
-            gpu_class="24GB",
-            quant_mode="auto",
-        )
-        == 1
-    )
-
-
-def test_metrics_disabled_means_no_server() -> None:
-    jm = JobMetrics.for_spec(_spec({"enabled": False}), Settings(), "r1")
-    assert jm.server is None
-
-
-@pytest.mark.integration
-def test_job_metrics_lifecycle_serves_then_pushes_the_failure(pushgateway: Pushgateway) -> None:
-    port = free_port()
-    spec = _spec({"port": port, "pushgateway_url": pushgateway.url})
-    jm = JobMetrics.for_spec(spec, Settings(metrics_bind_address="127.0.0.1"), "run-7")
-    metrics = jm.open()
-    body = http_get(f"http://127.0.0.1:{port}/metrics").decode()
-    assert 'qlora_job_phase{phase="loading"} 1.0' in body
-    metrics.set_phase(Phase.PREFLIGHT)
-    jm.close(2)
-    assert jm.pushed is True
-    assert pushgateway.value("qlora_job_phase", job="support-bot", run="run-7", phase="failed") == 1
-    assert pushgateway.value("qlora_job_exit_code", job="support-bot", run="run-7") == 2
-    with pytest.raises(urllib.error.URLError):
-        http_get(f"http://127.0.0.1:{port}/metrics", timeout_s=2)

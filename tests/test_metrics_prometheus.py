@@ -1,7 +1,7 @@
 """A real Prometheus scrapes a running job; a real Pushgateway keeps its end after it exits.
 
 The job here is a small driver process that goes through the phases of ``qlora run`` with the
-real :class:`runner.metrics.JobMetrics` (server, phases, final push) and a fake training loop,
+real :class:`runner.job_metrics.JobMetrics` (server, phases, final push) and a fake training loop,
 so these tests pin the serving and pushing contract without the cost of training.
 ``tests/test_metrics_run.py`` does the same with a real CPU ``qlora run``.
 """
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 DRIVER = textwrap.dedent(
     """
     import sys, time
-    from runner.metrics import JobMetrics, Phase
+    from runner.job_metrics import JobMetrics
     from runner.settings import Settings
     from runner.spec import validate_document
 
@@ -37,12 +37,13 @@ DRIVER = textwrap.dedent(
             "metrics": {"port": int(port), "pushgateway_url": gateway},
         },
     })
-    jm = JobMetrics.for_spec(spec, Settings(metrics_bind_address="127.0.0.1"), "run-1")
-    m = jm.open()
+    jm = JobMetrics(Settings(metrics_bind_address="127.0.0.1"))
     code = 1
     try:
-        m.set_phase(Phase.PREFLIGHT)
-        m.set_phase(Phase.TRAINING)
+        jm.set_phase("loading")
+        m = jm.open(spec, "run-1")
+        jm.set_phase("preflight")
+        jm.set_phase("training")
         for step in range(1, steps + 1):
             time.sleep(0.25)
             eta = 0.25 * (steps - step)
@@ -51,8 +52,8 @@ DRIVER = textwrap.dedent(
             m.add_work(tokens=512, loss_tokens=200, samples=4)
         if exit_code:
             raise SystemExit(exit_code)
-        m.set_phase(Phase.VERIFYING)
-        m.set_phase(Phase.PUBLISHING)
+        jm.set_phase("verifying")
+        jm.set_phase("publishing")
         code = 0
     except SystemExit as e:
         code = int(e.code)

@@ -1,0 +1,142 @@
+"""The metrics side of one ``qlora run``, as the recipe uses it.
+
+:mod:`runner.metrics` knows Prometheus; this module knows the job: it is created before the
+spec is read (so even a run that fails while loading ends with a recorded outcome), starts
+serving ``/metrics`` once the spec says on which port, follows the recipe's phases, hands the
+trainer a :class:`runner.train.metrics_callback.MetricsCallback`, and in the recipe's
+``finally`` records the exit code and pushes the end to a Pushgateway.
+
+The recipe's calls, in order::
+
+    metrics = JobMetrics(settings)                 # before anything can fail
+    metrics.open(job, run_id)                      # spec loaded: serve /metrics
+    metrics.describe(backend=..., quant_mode=..., plan=plan, shape=shape)
+    metrics.set_phase("training")                  # as an on_phase hook
+    backend.train(..., [*metrics.training_callbacks(rows, tokens, loss_tokens)], ...)
+    metrics.close(exit_code)                       # finally: phase, end time, push, stop
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from runner.metrics import MetricsServer, Phase, RunMetrics, push_metrics
+from runner.settings import Settings
+from runner.spec.model import JobSpec
+
+if TYPE_CHECKING:
+    from runner.plan.types import Plan
+    from runner.train.backend import BatchShape
+
+log = logging.getLogger(__name__)
+
+_FINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED})
+
+
+class JobMetrics:
+    """Values, ``/metrics`` server and final push of one run (see the module docstring).
+
+    Args:
+        settings: Deployment settings (bind address, default Pushgateway).
+        metrics: The values; fresh ones (on a registry of their own) when omitted.
+    """
+
+    def __init__(self, settings: Settings, metrics: RunMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else RunMetrics()
+        self.metrics.start()
+        self.job: str | None = None
+        self.run_id: str | None = None
+        self.server: MetricsServer | None = None
+        self.pushgateway_url: str | None = None
+        self.pushed: bool | None = None
+
+    def open(self, spec: JobSpec, run_id: str) -> RunMetrics:
+        """The spec is known: describe the job and start serving ``/metrics``.
+
+        The server listens on ``spec.metrics.port`` at ``settings.metrics_bind_address`` when
+        ``spec.metrics.enabled``; the push at :meth:`close` goes to
+        ``spec.metrics.pushgateway_url``, else ``settings.pushgateway_url``, else nowhere.
+        """
+        body = spec.spec
+        self.job, self.run_id = spec.metadata.name, run_id
+        self.pushgateway_url = body.metrics.pushgateway_url or self.settings.pushgateway_url
+        self.metrics.set_job(
+            self.job,
+            backend=body.training.backend.value,
+            gpu_class=body.resources.gpu_class,
+            quant_mode=body.quantization.mode.value,
+        )
+        if body.metrics.enabled and self.server is None:
+            self.server = MetricsServer(
+                self.metrics, body.metrics.port, self.settings.metrics_bind_address
+            )
+            self.server.start()
+        return self.metrics
+
+    def describe(
+        self,
+        *,
+        backend: str,
+        quant_mode: str,
+        plan: Plan | None = None,
+        shape: BatchShape | None = None,
+    ) -> None:
+        """What was resolved: backend, precision, the plan's class and estimate, batch shape."""
+        gpu_class = plan.gpu_class.name if plan is not None else "none"
+        self.metrics.set_job(
+            self.job or "", backend=backend, gpu_class=gpu_class, quant_mode=quant_mode
+        )
+        self.metrics.set_plan(
+            vram_estimate_bytes=plan.vram_estimate_bytes if plan is not None else 0,
+            usable_bytes=plan.usable_memory_bytes if plan is not None else 0,
+            micro_batch_size=shape.micro_batch_size if shape is not None else 0,
+            gradient_accumulation_steps=shape.gradient_accumulation_steps if shape else 0,
+        )
+
+    def set_phase(self, phase: str) -> None:
+        """Enter a phase (an ``on_phase`` hook); the final phases are left to :meth:`close`."""
+        if Phase(phase) not in _FINAL:
+            self.metrics.set_phase(phase)
+            self._record_memory()
+
+    def training_callbacks(self, rows: int, tokens: int, loss_tokens: int) -> list[Any]:
+        """The ``TrainerCallback`` that keeps the training metrics current.
+
+        Args:
+            rows: Training sequences in one epoch.
+            tokens: Their tokens.
+            loss_tokens: Those that carry loss.
+        """
+        from runner.train.metrics_callback import MetricsCallback, TokenCounts
+
+        counts = TokenCounts(rows=rows, tokens=tokens, loss_tokens=loss_tokens)
+        return [MetricsCallback(self.metrics, counts)]
+
+    def close(self, exit_code: int) -> None:
+        """Record the outcome, push it (when the job and a gateway are known), stop serving.
+
+        Never raises for a metrics problem: a failed push is logged.
+        """
+        try:
+            self._record_memory()
+            self.metrics.finish(exit_code)
+            if self.pushgateway_url and self.job and self.run_id:
+                self.pushed = push_metrics(
+                    self.metrics, self.pushgateway_url, job=self.job, run_id=self.run_id
+                )
+        finally:
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+
+    def _record_memory(self) -> None:
+        # Only where the training stack is already loaded: a run that failed before training
+        # must not import torch just to report that it holds no GPU memory.
+        import sys
+
+        if "torch" in sys.modules and "transformers" in sys.modules:
+            from runner.train.metrics_callback import record_memory
+
+            record_memory(self.metrics)
