@@ -203,6 +203,7 @@ class TrainerBackend(Protocol):
         shape: BatchShape,
         callbacks: Sequence[Any],
         output_dir: Path,
+        resume_from: Path | None = None,
     ) -> TrainOutcome:
         """Train the session's LoRA weights in place with TRL's ``SFTTrainer``.
 
@@ -213,6 +214,9 @@ class TrainerBackend(Protocol):
             shape: Batch shape and schedule.
             callbacks: Extra ``transformers.TrainerCallback`` objects (metrics, tests).
             output_dir: Scratch directory for checkpoints.
+            resume_from: A trainer checkpoint folder (adapter, optimizer, scheduler, RNG and
+                trainer state) to continue from: the step count, the data position and the
+                loss history carry on (``trainer.train(resume_from_checkpoint=...)``).
         """
         ...
 

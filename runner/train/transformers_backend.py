@@ -179,6 +179,7 @@ class TransformersBackend:
         shape: BatchShape,
         callbacks: Sequence[Any],
         output_dir: Path,
+        resume_from: Path | None = None,
     ) -> TrainOutcome:
         """Train the session's LoRA weights in place with TRL's SFTTrainer."""
         try:
@@ -234,7 +235,7 @@ class TransformersBackend:
         # Progress is logged as structured records (runner.train.progress), not printed.
         trainer.remove_callback(PrinterCallback)
         started = time.monotonic()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = time.monotonic() - started
         eval_loss: float | None = None
         if eval_data:
