@@ -67,6 +67,12 @@ def job_selector(name: str) -> str:
 def test_pods_land_on_the_planned_gpu_class(
     kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str
 ) -> None:
+    """The real scheduler puts each pod on the smallest GPU class that holds it.
+
+    A required ``Gt`` threshold alone lets an 8B pod land on an idle 48 or 80 GB node (all
+    three pass the filter and score alike), so the rendered Job must also *prefer* nodes below
+    the next class's threshold (``preferredDuringScheduling... Lt <next class min_memory_mib>``).
+    """
     cp = kube_control_plane
     submitter = Submitter(load_client(str(cp.kubeconfig)), Settings())
     placed = {}
@@ -76,8 +82,10 @@ def test_pods_land_on_the_planned_gpu_class(
         pod = cp.wait_for_bound_pod(kube_namespace, job_selector(spec.metadata.name))
         node = cp.request("GET", f"/api/v1/nodes/{pod['spec']['nodeName']}")
         placed[spec.metadata.name] = (done.plan.gpu_class.name, node["metadata"]["name"])
-    assert placed["llama31-8b-support"] == ("24GB", gpu_nodes["24GB"])
-    assert placed["llama33-70b-support"] == ("48GB", gpu_nodes["48GB"])
+    assert placed == {
+        "llama31-8b-support": ("24GB", gpu_nodes["24GB"]),
+        "llama33-70b-support": ("48GB", gpu_nodes["48GB"]),
+    }
 
 
 def test_a_spec_that_fits_nothing_is_refused_before_anything_is_created(

@@ -18,11 +18,16 @@ version="1.20.2"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/qlora-runner/kubernetes-${version}"
 bin="$cache/bin"
 targets=(kube-apiserver kube-scheduler kube-controller-manager kubectl)
+# Bump when the recipe changes, so cached binaries of an older recipe are rebuilt.
+# 2: reflect2 1.0.2 + json-iterator 1.1.12 from Debian replace the vendored copies, whose map
+#    iteration crashes (SIGSEGV in mapiterinit) when built with Go >= 1.18.
+recipe="2"
 
 log() { echo "build-kube: $*" >&2; }
 
 have_all() {
   local t
+  [ "$(cat "$bin/.recipe" 2>/dev/null)" = "$recipe" ] || return 1
   for t in "${targets[@]}"; do [ -x "$bin/$t" ] || return 1; done
 }
 
@@ -31,7 +36,7 @@ if have_all; then
   exit 0
 fi
 
-for tool in go rsync make patch apt-get tar; do
+for tool in go rsync make patch apt-get tar dpkg-deb flock; do
   command -v "$tool" >/dev/null || { log "missing '$tool' (run scripts/tools/install-system.sh)"; exit 10; }
 done
 
@@ -58,7 +63,7 @@ if [ -z "$mirror" ] && [ -r /etc/apt/sources.list ]; then
   mirror="$(awk '$1 == "deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list)"
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
-printf 'Types: deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: %s\n' \
+printf 'Types: deb deb-src\nURIs: %s\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: %s\n' \
   "$mirror" /usr/share/keyrings/debian-archive-keyring.gpg >"$work/apt/sources/kube-src.sources"
 apt_private=(
   -o "Dir::Etc::SourceList=/dev/null"
@@ -71,6 +76,10 @@ apt_private=(
 log "fetching Debian's kubernetes source package from $mirror"
 apt-get "${apt_private[@]}" update -qq >&2
 (cd "$work" && apt-get "${apt_private[@]}" source --download-only kubernetes >&2)
+# Go >= 1.18 needs reflect2 >= 1.0.2; take it (and the json-iterator that goes with it) from
+# Debian's Go library packages.
+go_libs=(golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)
+(cd "$work" && apt-get "${apt_private[@]}" download "${go_libs[@]}" >&2)
 
 orig="$(ls "$work"/kubernetes_*"really${version}".orig.tar.gz 2>/dev/null | head -1 || true)"
 debian_tar="$(ls "$work"/kubernetes_*really"${version}"-*.debian.tar.xz 2>/dev/null | head -1 || true)"
@@ -88,6 +97,20 @@ while read -r p; do
   case "$p" in ''|'#'*) continue ;; esac
   patch -d "$src" -p1 -s <"$work/debian/patches/$p"
 done <"$work/debian/patches/series"
+
+for deb in "$work"/golang-github-*.deb; do
+  dpkg-deb -x "$deb" "$work/golibs"
+done
+for lib in modern-go/reflect2 json-iterator/go; do
+  from="$work/golibs/usr/share/gocode/src/github.com/$lib"
+  [ -d "$from" ] || { log "no $lib in the Debian Go library packages"; exit 1; }
+  rm -rf "$src/vendor/github.com/$lib"
+  mkdir -p "$src/vendor/github.com/$lib"
+  cp "$from"/*.go "$src/vendor/github.com/$lib/"
+  rm -f "$src/vendor/github.com/$lib"/*_test.go
+done
+sed -i -e 's|^# github.com/modern-go/reflect2 v.*|# github.com/modern-go/reflect2 v1.0.2|' \
+  -e 's|^# github.com/json-iterator/go v.*|# github.com/json-iterator/go v1.1.12|' "$src/vendor/modules.txt"
 
 # Kubernetes 1.20 builds in GOPATH mode, through its Makefile (which generates the openapi code).
 mkdir -p "$src/.go/src/k8s.io"
@@ -107,6 +130,7 @@ for t in "${targets[@]}"; do
   cp "$src/_output/bin/$t" "$bin.tmp/$t"
   chmod 0755 "$bin.tmp/$t"
 done
+echo "$recipe" >"$bin.tmp/.recipe"
 rm -rf "$bin"
 mv "$bin.tmp" "$bin"
 log "$("$bin/kube-apiserver" --version) built into $bin"
