@@ -27,9 +27,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from runner import termination
     from runner.recipe import run
 
-    result = run(args.spec)
+    try:
+        result = run(args.spec)
+    except BaseException as e:  # every outcome leaves a termination message, then propagates
+        termination.report(termination.failure_message(e))
+        raise
+    termination.report(termination.success_message(result.run_uri))
     summary = {
         "run_id": result.run_id,
         "run_uri": result.run_uri,
