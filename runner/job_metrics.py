@@ -51,6 +51,7 @@ class JobMetrics:
         self.server: MetricsServer | None = None
         self.pushgateway_url: str | None = None
         self.pushed: bool | None = None
+        self._gpu_class = "auto"
 
     def open(self, spec: JobSpec, run_id: str) -> RunMetrics:
         """The spec is known: describe the job and start serving ``/metrics``.
@@ -62,10 +63,11 @@ class JobMetrics:
         body = spec.spec
         self.job, self.run_id = spec.metadata.name, run_id
         self.pushgateway_url = body.metrics.pushgateway_url or self.settings.pushgateway_url
+        self._gpu_class = body.resources.gpu_class
         self.metrics.set_job(
             self.job,
             backend=body.training.backend.value,
-            gpu_class=body.resources.gpu_class,
+            gpu_class=self._gpu_class,
             quant_mode=body.quantization.mode.value,
         )
         if body.metrics.enabled and self.server is None:
@@ -83,10 +85,14 @@ class JobMetrics:
         plan: Plan | None = None,
         shape: BatchShape | None = None,
     ) -> None:
-        """What was resolved: backend, precision, the plan's class and estimate, batch shape."""
-        gpu_class = plan.gpu_class.name if plan is not None else "none"
+        """What was resolved: backend, precision, the plan's class and estimate, batch shape.
+
+        Without a plan (``qlora run`` by hand) the class stays the spec's ``resources.gpu_class``.
+        """
+        if plan is not None:
+            self._gpu_class = plan.gpu_class.name
         self.metrics.set_job(
-            self.job or "", backend=backend, gpu_class=gpu_class, quant_mode=quant_mode
+            self.job or "", backend=backend, gpu_class=self._gpu_class, quant_mode=quant_mode
         )
         self.metrics.set_plan(
             vram_estimate_bytes=plan.vram_estimate_bytes if plan is not None else 0,
