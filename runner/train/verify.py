@@ -68,17 +68,45 @@ def snapshot_lora(model: Any) -> dict[str, LoraTensor]:
     return out
 
 
+def make_snapshot_callback() -> Any:
+    """A ``TrainerCallback`` that snapshots the LoRA tensors when training begins.
+
+    The "before" state must be taken inside the trainer, not before building it: TRL's
+    SFTTrainer casts the LoRA weights of a quantized model to bfloat16 in its constructor, so a
+    snapshot taken earlier differs from the trained start point even if no step ever ran.
+    Register it first; read ``.before`` after training (None if training never began).
+    """
+    try:
+        from transformers import TrainerCallback
+    except ImportError as e:
+        raise missing_extra("transformers", "train") from e
+
+    class LoraSnapshotCallback(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.before: dict[str, LoraTensor] | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.before = snapshot_lora(kwargs["model"])
+
+    return LoraSnapshotCallback()
+
+
 def _module_of(name: str) -> str:
     # base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight -> ...q_proj
     return name.split(".lora_", 1)[0]
 
 
 def check_weight_update(
-    before: Mapping[str, LoraTensor],
+    before: Mapping[str, LoraTensor] | None,
     after: Mapping[str, LoraTensor],
     target_modules: Sequence[str],
 ) -> dict[str, Any]:
     """Compare LoRA tensors before and after training.
+
+    Args:
+        before: Snapshot as training began (None: training never began).
+        after: Snapshot after training.
+        target_modules: ``lora.target_modules``; each must carry adapters.
 
     Returns:
         The manifest's ``weight_update`` block (per-tensor hashes and abs-diffs).
@@ -86,6 +114,11 @@ def check_weight_update(
     Raises:
         VerificationError: with one ``module: problem`` line per failing module (exit 4).
     """
+    if not before:
+        raise VerificationError(
+            "weight-update check failed: no LoRA tensors were seen when training began; "
+            "nothing was published"
+        )
     torch = _torch()
     problems: list[str] = []
     tensors: list[dict[str, Any]] = []
