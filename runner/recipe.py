@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__
-from runner.errors import PlanError
+from runner.errors import ExitCode, PlanError, RunnerError
+from runner.job_metrics import JobMetrics
 from runner.plan.types import Plan
 from runner.settings import Settings, load_settings
 from runner.spec import load_spec, resolve_spec_path, spec_hash
@@ -96,21 +97,42 @@ def run(
     """
     settings = settings or load_settings()
     started = time.monotonic()
-    phase = _PhaseTracker(on_phase)
+    metrics = JobMetrics(settings)  # served once the spec names the port; pushed in `finally`
+    phase = _PhaseTracker((*on_phase, metrics.set_phase))
+    exit_code = int(ExitCode.INTERNAL)
     try:
-        result = _run(resolve_spec_path(spec_path), settings, callbacks, phase)
+        result = _run(resolve_spec_path(spec_path), settings, callbacks, phase, metrics)
+        exit_code = int(ExitCode.OK)
     except BaseException as e:
+        exit_code = _exit_code(e)
         phase.enter(Phase.FAILED, error=type(e).__name__)
         raise
+    finally:
+        metrics.close(exit_code)
     phase.enter(Phase.SUCCEEDED, run_id=result.run_id, runtime_s=time.monotonic() - started)
     return result
 
 
+def _exit_code(e: BaseException) -> int:
+    """The process exit code ``e`` will end in (as the CLI maps it)."""
+    if isinstance(e, RunnerError):
+        return int(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        return int(ExitCode.INTERRUPTED)
+    if isinstance(e, SystemExit) and isinstance(e.code, int):
+        return e.code
+    return int(ExitCode.INTERNAL)
+
+
 def _run(
-    spec_path: str, settings: Settings, callbacks: Sequence[Any], phase: _PhaseTracker
+    spec_path: str,
+    settings: Settings,
+    callbacks: Sequence[Any],
+    phase: _PhaseTracker,
+    metrics: JobMetrics,
 ) -> RunResult:
     # Imported here so `qlora --help` and the pure commands never load the training modules.
-    from runner.publish import publish_adapter
+    from runner.publish import new_run_id, publish_adapter
     from runner.train import select_backend
     from runner.train.backend import cuda_available, cuda_bf16_supported
     from runner.train.dataset import load_rows
@@ -129,6 +151,8 @@ def _run(
     # 1. loading
     phase.enter(Phase.LOADING, spec=spec_path)
     job = load_spec(spec_path)
+    run_id = new_run_id(spec_hash(job))
+    metrics.open(job, run_id)
     body = job.spec
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
     backend = select_backend(body.training.backend)
@@ -136,6 +160,12 @@ def _run(
     decided = resolve(body, plan, cuda=cuda, bf16=cuda_bf16_supported())
     for reason in decided.reasons:
         log.info("resolved: %s", reason)
+    metrics.describe(
+        backend=backend.name,
+        quant_mode=decided.precision.quant_mode,
+        plan=plan,
+        shape=decided.shape,
+    )
     work = Path(settings.work_dir) / job.metadata.name
     fetcher = _fetcher(work, settings)
     base = resolve_model(body.model, fetcher)
@@ -177,7 +207,12 @@ def _run(
         train,
         eval_data,
         decided.shape,
-        [start, make_progress_callback(), *callbacks],
+        [
+            start,
+            make_progress_callback(),
+            *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
+            *callbacks,
+        ],
         work / "trainer",
     )
     after = snapshot_lora(session.model)
@@ -234,7 +269,7 @@ def _run(
         "verification": {"weight_update": weight_update, "reload": reload_report},
         "libraries": library_versions(),
     }
-    published = publish_adapter(adapter_dir, body.output.uri, meta, settings)
+    published = publish_adapter(adapter_dir, body.output.uri, meta, settings, run_id=run_id)
     log.info("published %s", published.manifest_uri, extra={"run_id": published.run_id})
     return RunResult(published.run_id, published.run_uri, published.manifest_uri, meta)
 
