@@ -74,6 +74,7 @@ class BatchShape:
         logging_steps: Report loss every N optimizer steps.
         checkpoint_every_steps: Save a resumable checkpoint every N steps, or None.
         completion_only_loss: Only tokens with ``completion_mask == 1`` carry loss.
+        packing: Pack several short rows into one ``max_seq_length`` sequence.
     """
 
     micro_batch_size: int
@@ -92,6 +93,7 @@ class BatchShape:
     logging_steps: int = 1
     checkpoint_every_steps: int | None = None
     completion_only_loss: bool = True
+    packing: bool = False
 
 
 @dataclass(frozen=True)

@@ -94,5 +94,6 @@ def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Reso
         logging_steps=t.logging_steps,
         checkpoint_every_steps=t.checkpoint_every_steps,
         completion_only_loss=body.dataset.train_on == "completions",
+        packing=t.packing,
     )
     return Resolved(precision, shape, tuple(reasons))

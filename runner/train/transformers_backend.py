@@ -49,7 +49,13 @@ def _device_map() -> dict[str, Any]:
 
 
 def quiet_progress_bars() -> None:
-    """Turn off tqdm bars of datasets and transformers: logs are structured records."""
+    """Turn off tqdm bars of datasets and transformers: logs are structured records.
+
+    Also silences bitsandbytes' CPU notice that suggests installing ``kernels``: that package
+    fetches kernels from a model hub at run time, which a job must never do, and the built-in
+    CPU path it falls back to is the one we want.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import datasets
     import transformers
 
@@ -73,6 +79,7 @@ class TransformersBackend:
     name = "transformers"
 
     def _load_base(self, model_dir: Path, precision: Precision, trust_remote_code: bool) -> Any:
+        quiet_progress_bars()
         try:
             from transformers import AutoModelForCausalLM, BitsAndBytesConfig
         except ImportError as e:
@@ -116,6 +123,7 @@ class TransformersBackend:
         trust_remote_code: bool = False,
     ) -> ModelSession:
         """Load the base model in ``precision`` and attach fresh LoRA adapters."""
+        quiet_progress_bars()
         try:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         except ImportError as e:
@@ -220,6 +228,7 @@ class TransformersBackend:
             fp16=cuda and dtype == "float16",
             max_length=shape.max_seq_length,
             completion_only_loss=shape.completion_only_loss,
+            packing=shape.packing,
             include_num_input_tokens_seen="non_padding",
             dataloader_num_workers=0,
         )
