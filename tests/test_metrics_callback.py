@@ -262,3 +262,46 @@ def test_the_trap_catches_a_sync_from_metrics_code(sync_trap: SyncTrap) -> None:
     finally:
         metrics_callback._number = metrics_callback_number  # type: ignore[assignment]
     assert sync_trap.from_metrics and sync_trap.from_metrics[0].startswith("item")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_callback_reads_memory_without_synchronising() -> None:
+    # CUDA's sync debug mode turns any synchronising call into an error. The callback runs
+    # under it between steps whose kernels are still in flight, as in a real training loop.
+    import torch
+
+    m = RunMetrics()
+    cb = MetricsCallback(m, TokenCounts(rows=64, tokens=64 * 512, loss_tokens=64 * 200))
+    model = torch.nn.Linear(4096, 4096, device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(2048, 4096, device="cuda")
+    steps = 20
+
+    def strict(call: Any) -> None:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    with pytest.raises(RuntimeError):  # the mode does catch a synchronising call
+        strict(lambda: x.sum().item())
+    strict(lambda: cb.on_train_begin(None, state(0, 0.0, max_steps=steps), None))
+    for step in range(1, steps + 1):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        st = state(step, step / steps, tokens=512 * 8 * step, max_steps=steps)
+        strict(lambda st=st: cb.on_step_end(None, st, None))
+        strict(lambda st=st: cb.on_log(None, st, None, logs={"loss": 1.0, "grad_norm": 0.5}))
+    strict(lambda: cb.on_train_end(None, state(steps, 1.0, max_steps=steps), None))
+    torch.cuda.synchronize()
+
+    device = "cuda:0"
+    allocated = m.value("qlora_gpu_memory_allocated_bytes", device=device) or 0
+    assert allocated >= (2048 * 4096 + 4096 * 4096) * 4  # at least the input and the weight
+    assert (m.value("qlora_gpu_memory_peak_allocated_bytes", device=device) or 0) >= allocated
+    assert (m.value("qlora_gpu_memory_reserved_bytes", device=device) or 0) >= allocated
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert m.value("qlora_gpu_memory_total_bytes", device=device) == total
+    assert m.value("qlora_train_step") == steps
