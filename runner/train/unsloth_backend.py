@@ -1,0 +1,358 @@
+"""The fast GPU backend: Unsloth's ``FastLanguageModel`` trained with TRL's ``SFTTrainer``.
+
+Unsloth replaces the attention, MLP, RoPE, LoRA and cross-entropy kernels of the model with
+fused Triton versions and offloads each layer's checkpointed input to host RAM
+(``use_gradient_checkpointing="unsloth"``); on the benchmark card it trains the same LoRA in
+about half the time and a fraction of the VRAM of plain transformers (``bench/README.md``).
+Everything around training stays the recipe's: the data arrives tokenized with its completion
+mask, and the saved adapter is a plain peft adapter, verified and published exactly like the
+transformers backend's.
+
+Unsloth patches transformers, peft and TRL when it is imported and refuses to import without
+a GPU, so this module imports it only inside :meth:`UnslothBackend.load` (and before any other
+training library in that process).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runner.errors import SpecError, VerificationError, missing_extra
+from runner.spec.model import LoraSpec
+from runner.train.backend import (
+    BatchShape,
+    ModelSession,
+    Precision,
+    TokenizedExample,
+    TrainOutcome,
+)
+
+log = logging.getLogger(__name__)
+
+_IGNORE_INDEX = -100
+
+
+def _unsloth() -> Any:
+    """Import Unsloth first (it must patch transformers, peft and TRL before they load)."""
+    try:
+        import unsloth
+    except ImportError as e:
+        raise missing_extra("unsloth", "gpu") from e
+    except NotImplementedError as e:  # Unsloth's answer when no GPU is visible
+        raise SpecError(f"spec.training.backend: Unsloth cannot run here: {e}") from e
+    return unsloth
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def prequantized(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds an already quantized checkpoint (e.g. ``*-unsloth-bnb-4bit``).
+
+    Such a directory's ``config.json`` carries a ``quantization_config``; it loads as it is,
+    with the modules its ``llm_int8_skip_modules`` names left in 16 bit.
+    """
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config.get("quantization_config"), dict)
+
+
+def unsloth_chat_template(name: str) -> str | None:
+    """Jinja text of one of Unsloth's named chat templates (``llama-3.1``, ``chatml``…).
+
+    Returns None when Unsloth is not importable here or has no template of that name. The
+    runner masks loss on character spans of the rendered text, so any template works with
+    completion-only loss; this only makes Unsloth's names available.
+    """
+    try:
+        from unsloth.chat_templates import CHAT_TEMPLATES
+    except (ImportError, NotImplementedError):
+        return None
+    entry = CHAT_TEMPLATES.get(name)
+    return str(entry[0]) if entry else None
+
+
+class UnslothBackend:
+    """:class:`runner.train.backend.TrainerBackend` on Unsloth (CUDA only)."""
+
+    name = "unsloth"
+
+    def _from_pretrained(
+        self,
+        model_dir: Path,
+        precision: Precision,
+        max_seq_length: int,
+        trust_remote_code: bool,
+        notes: list[str],
+    ) -> tuple[Any, Any]:
+        unsloth = _unsloth()
+        kwargs: dict[str, Any] = {
+            "model_name": str(model_dir),
+            "max_seq_length": max_seq_length,
+            "dtype": _torch_dtype(precision.compute_dtype),
+            "trust_remote_code": trust_remote_code,
+            "local_files_only": True,
+            "load_in_4bit": precision.is_4bit,
+            "load_in_16bit": not precision.is_4bit,
+        }
+        if prequantized(model_dir):
+            notes.append(f"{model_dir.name}: pre-quantized checkpoint, loaded as it is")
+        elif precision.quant_mode == "dynamic-4bit":
+            notes.append(
+                "dynamic-4bit needs a pre-quantized *-unsloth-bnb-4bit checkpoint; "
+                f"{model_dir.name} is not one, so it is quantized to plain nf4 on load"
+            )
+        if precision.is_4bit and precision.quant_type != "nf4":
+            notes.append(
+                f"Unsloth quantizes to nf4; quantization.quant_type "
+                f"{precision.quant_type} is not used"
+            )
+        try:
+            model, tokenizer = unsloth.FastLanguageModel.from_pretrained(**kwargs)
+        except (OSError, ValueError) as e:
+            raise SpecError(f"spec.model.source: cannot load the model in {model_dir}: {e}") from e
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+
+    def load(
+        self,
+        model_dir: Path,
+        precision: Precision,
+        lora: LoraSpec,
+        *,
+        seed: int,
+        max_seq_length: int,
+        trust_remote_code: bool = False,
+    ) -> ModelSession:
+        """Load the base model through Unsloth and attach fresh LoRA adapters."""
+        from runner.train.transformers_backend import linear_module_names
+
+        notes: list[str] = []
+        model, tokenizer = self._from_pretrained(
+            model_dir, precision, max_seq_length, trust_remote_code, notes
+        )
+        available = linear_module_names(model)
+        missing = [m for m in lora.target_modules if m not in available]
+        if missing:
+            raise SpecError(
+                f"spec.lora.target_modules: {', '.join(missing)} not found in the model; "
+                f"it has {', '.join(sorted(available))}"
+            )
+        from unsloth import FastLanguageModel
+
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            bias="none",
+            use_rslora=lora.use_rslora,
+            use_gradient_checkpointing="unsloth",
+            random_state=seed,
+            max_seq_length=max_seq_length,
+        )
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info(
+            "LoRA attached (Unsloth): %d trainable of %d parameters (%.2f%%)",
+            trainable,
+            total,
+            100.0 * trainable / max(total, 1),
+            extra={"trainable_params": trainable, "total_params": total},
+        )
+        return ModelSession(model, tokenizer, precision, model_dir, notes)
+
+    def train(
+        self,
+        session: ModelSession,
+        train: Sequence[TokenizedExample],
+        eval_data: Sequence[TokenizedExample] | None,
+        shape: BatchShape,
+        callbacks: Sequence[Any],
+        output_dir: Path,
+    ) -> TrainOutcome:
+        """Train the session's LoRA weights in place with (Unsloth-patched) SFTTrainer."""
+        _unsloth()
+        from datasets import Dataset
+        from transformers import PrinterCallback
+        from trl import SFTConfig, SFTTrainer
+
+        from runner.train.transformers_backend import quiet_progress_bars
+
+        quiet_progress_bars()
+        dtype = session.precision.compute_dtype
+        config = SFTConfig(
+            output_dir=str(output_dir),
+            per_device_train_batch_size=shape.micro_batch_size,
+            per_device_eval_batch_size=shape.micro_batch_size,
+            gradient_accumulation_steps=shape.gradient_accumulation_steps,
+            num_train_epochs=shape.epochs,
+            max_steps=shape.max_steps if shape.max_steps is not None else -1,
+            learning_rate=shape.learning_rate,
+            lr_scheduler_type=shape.lr_scheduler,
+            warmup_steps=shape.warmup_ratio,
+            weight_decay=shape.weight_decay,
+            max_grad_norm=shape.max_grad_norm,
+            optim=shape.optimizer,
+            seed=shape.seed,
+            data_seed=shape.seed,
+            gradient_checkpointing=shape.gradient_checkpointing,
+            logging_steps=shape.logging_steps,
+            save_strategy="steps" if shape.checkpoint_every_steps else "no",
+            save_steps=shape.checkpoint_every_steps or 500,
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            bf16=dtype == "bfloat16",
+            fp16=dtype == "float16",
+            max_length=shape.max_seq_length,
+            packing=False,
+            completion_only_loss=shape.completion_only_loss,
+            include_num_input_tokens_seen="non_padding",
+            dataloader_num_workers=0,
+            dataset_num_proc=None,
+        )
+        train_ds = _to_dataset(Dataset, train)
+        trainer = SFTTrainer(
+            model=session.model,
+            args=config,
+            train_dataset=train_ds,
+            eval_dataset=_to_dataset(Dataset, eval_data) if eval_data else None,
+            processing_class=session.tokenizer,
+            callbacks=list(callbacks),
+        )
+        trainer.remove_callback(PrinterCallback)
+        if shape.completion_only_loss:
+            counts = check_completion_masking(trainer, train, shape.micro_batch_size)
+            log.info("completion-only loss checked on the collated batch", extra=counts)
+        started = time.monotonic()
+        trainer.train()
+        runtime = time.monotonic() - started
+        eval_loss: float | None = None
+        if eval_data:
+            value = trainer.evaluate().get("eval_loss")
+            eval_loss = float(value) if value is not None and math.isfinite(value) else None
+        losses = tuple(
+            float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
+        )
+        return TrainOutcome(
+            steps=int(trainer.state.global_step),
+            losses=losses,
+            runtime_s=runtime,
+            train_tokens=int(trainer.state.num_input_tokens_seen or 0),
+            eval_loss=eval_loss,
+            optimizer=shape.optimizer,
+        )
+
+    def save_adapter(self, session: ModelSession, dest: Path) -> list[Path]:
+        """Write the adapter (plain peft format) and the tokenizer files into ``dest``."""
+        dest.mkdir(parents=True, exist_ok=True)
+        session.model.save_pretrained(str(dest), safe_serialization=True)
+        session.tokenizer.save_pretrained(str(dest))
+        return sorted(p for p in dest.rglob("*") if p.is_file())
+
+    def load_for_verification(
+        self,
+        model_dir: Path,
+        adapter_dir: Path,
+        precision: Precision,
+        *,
+        trust_remote_code: bool = False,
+    ) -> ModelSession:
+        """Load a fresh base model through Unsloth, put the saved adapter on it, eval mode."""
+        notes: list[str] = []
+        # Unsloth's fused loss may skip materialising logits; verification compares them.
+        os.environ["UNSLOTH_RETURN_LOGITS"] = "1"
+        base, _ = self._from_pretrained(
+            model_dir, precision, _max_positions(model_dir), trust_remote_code, notes
+        )
+        try:
+            from peft import PeftModel
+        except ImportError as e:
+            raise missing_extra("peft", "train") from e
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        model.eval()
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(adapter_dir), trust_remote_code=trust_remote_code
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return ModelSession(model, tokenizer, precision, model_dir, notes)
+
+
+def check_completion_masking(
+    trainer: Any, train: Sequence[TokenizedExample], rows: int
+) -> dict[str, int]:
+    """Collate the first rows with the trainer's own collator and compare labels to the mask.
+
+    Unsloth rewrites parts of SFTTrainer (padding-free batching, its own column handling: some
+    paths turn ``completion_mask`` into a ``labels`` column); this proves, before the first
+    step, that the completion tokens of our own examples (and only they) carry loss. Rows are
+    matched to examples by their token ids. Padding-free batching also masks the first token of
+    each packed row, so up to one token per row may be missing from the labels.
+
+    Returns:
+        ``{"mask_tokens": ..., "label_tokens": ..., "rows": ...}`` for the log.
+
+    Raises:
+        VerificationError: the collated labels train on other tokens than the mask says.
+    """
+    masks = {tuple(e.input_ids): e.completion_mask for e in train}
+    dataset = trainer.train_dataset
+    sample = []
+    wanted = 0
+    for i in range(min(len(dataset), 64)):
+        row = dataset[i]
+        mask = masks.get(tuple(row["input_ids"]))
+        if mask is not None:
+            sample.append(row)
+            wanted += int(sum(mask))
+        if len(sample) == rows:
+            break
+    if not sample:
+        raise VerificationError(
+            "completion-only loss: no training row reached the trainer unchanged, so the "
+            "completion mask cannot be checked; nothing was trained"
+        )
+    batch = trainer.data_collator(sample)
+    carried = int((batch["labels"] != _IGNORE_INDEX).sum())
+    if not wanted - len(sample) <= carried <= wanted:
+        raise VerificationError(
+            f"completion-only loss: the trainer's collator labels {carried} tokens for loss "
+            f"but the completion mask of the same {len(sample)} rows has {wanted}; "
+            "nothing was trained",
+            details=[f"collator: {type(trainer.data_collator).__name__}"],
+        )
+    return {"mask_tokens": wanted, "label_tokens": carried, "rows": len(sample)}
+
+
+def _max_positions(model_dir: Path) -> int:
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 2048
+    return int(min(config.get("max_position_embeddings", 2048), 8192))
+
+
+def _to_dataset(dataset_cls: Any, examples: Sequence[TokenizedExample]) -> Any:
+    return dataset_cls.from_dict(
+        {
+            "input_ids": [list(e.input_ids) for e in examples],
+            "completion_mask": [list(e.completion_mask) for e in examples],
+        }
+    )
