@@ -24,6 +24,11 @@ class Settings(BaseSettings):
     image: str = Field(
         "qlora-runner:0.1.0", description="Runner image (repository:tag, no registry host)."
     )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list,
+        description="Secrets for pulling the runner image in training pods; in the "
+        'environment a JSON list, e.g. QLORA_IMAGE_PULL_SECRETS=\'["registry-pull"]\'.',
+    )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://seaweedfs.storage:8333."
     )

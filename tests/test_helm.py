@@ -84,6 +84,17 @@ def test_template_validates(variant: Path) -> None:
         assert doc["kind"] != "Secret", "the chart never holds credentials"
 
 
+def settings_from(env: dict[str, str]) -> Settings:
+    """Settings as the operator would load them from its environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in list(os.environ):
+            if key.startswith("QLORA_"):
+                mp.delenv(key)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        return Settings()
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
 def test_operator_settings_are_real_settings(variant: Path) -> None:
     docs = template(str(variant))
@@ -96,6 +107,10 @@ def test_operator_settings_are_real_settings(variant: Path) -> None:
     for key in ("QLORA_NAMESPACE", "QLORA_IMAGE", "QLORA_GPU_CLASSES_FILE", "QLORA_S3_SECRET_NAME"):
         assert env[key]
     assert not any(k.startswith("AWS_") for k in env), "credentials only in the training pods"
+    settings = settings_from(env)  # and the operator can parse every value
+    assert settings.image == env["QLORA_IMAGE"]
+    pull = values.get("imagePullSecrets", [])
+    assert settings.image_pull_secrets == [p["name"] for p in pull]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)

@@ -416,6 +416,14 @@ def test_owner_reference_and_namespace() -> None:
         render(owner={"apiVersion": "v1", "kind": "X", "name": "n"})
 
 
+def test_image_and_pull_secrets_from_settings() -> None:
+    _, job = render(settings=Settings(image="ml/qlora-runner:1.2", image_pull_secrets=["reg"]))
+    assert container(job)["image"] == "ml/qlora-runner:1.2"
+    assert pod(job)["imagePullSecrets"] == [{"name": "reg"}]
+    _, plain = render()
+    assert "imagePullSecrets" not in pod(plain)
+
+
 def test_namespace_from_settings() -> None:
     cm, job = render(settings=Settings(namespace="ml"))
     assert cm["metadata"]["namespace"] == job["metadata"]["namespace"] == "ml"

@@ -320,6 +320,8 @@ def _pod_spec(
         "containers": [_container(spec, plan, settings)],
         "volumes": _volumes(plan, config_map_name),
     }
+    if settings.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label)
     if affinity:
         pod["affinity"] = {"nodeAffinity": affinity}

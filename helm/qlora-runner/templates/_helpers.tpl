@@ -106,3 +106,14 @@ Name of the ConfigMap holding the GPU class table.
 {{- define "qlora-runner.gpuClassesName" -}}
 {{- printf "%s-gpu-classes" (include "qlora-runner.fullname" . | trunc 51 | trimSuffix "-") }}
 {{- end }}
+
+{{/*
+Names of imagePullSecrets as a JSON list, for QLORA_IMAGE_PULL_SECRETS (the training pods').
+*/}}
+{{- define "qlora-runner.pullSecretNames" -}}
+{{- $names := list }}
+{{- range .Values.imagePullSecrets }}
+{{- $names = append $names .name }}
+{{- end }}
+{{- $names | toJson }}
+{{- end }}
