@@ -155,4 +155,7 @@ def test_manifests_grant_the_operator_exactly_the_declared_rules(
     allowed = [n for n in NEVER if _can(cp, user, ns, *n)]
     assert allowed == []
     # And the real thing, as that ServiceAccount: a whole reconcile in its namespace.
-    _reconcile_to_success(cp, _as(cp, user), ns, "rbac-manifests")
+    try:
+        _reconcile_to_success(cp, _as(cp, user), ns, "rbac-manifests")
+    finally:
+        cp.clear_namespace(ns)

@@ -64,28 +64,26 @@ def job_selector(name: str) -> str:
     return f"{names.LABEL_JOB}={name}"
 
 
-def test_pods_land_on_the_planned_gpu_class(
-    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str
+@pytest.mark.parametrize(
+    ("spec_path", "gpu_class"), [(SPEC_8B, "24GB"), (SPEC_70B, "48GB")], ids=["8b", "70b"]
+)
+def test_the_scheduler_binds_the_pod_to_the_smallest_class_that_fits(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str,
+    spec_path: Path, gpu_class: str,
 ) -> None:
-    """The real scheduler puts each pod on the smallest GPU class that holds it.
+    """The real scheduler puts the pod on the smallest GPU class that holds the job.
 
-    A required ``Gt`` threshold alone lets an 8B pod land on an idle 48 or 80 GB node (all
-    three pass the filter and score alike), so the rendered Job must also *prefer* nodes below
-    the next class's threshold (``preferredDuringScheduling... Lt <next class min_memory_mib>``).
+    With fake 24, 48 and 80 GB nodes of equal CPU and memory, a required ``Gt`` threshold
+    alone lets an 8B pod land on an idle 48 or 80 GB node (all pass the filter and score
+    alike), so the rendered Job must also *prefer* nodes below the next class's threshold.
     """
     cp = kube_control_plane
-    submitter = Submitter(load_client(str(cp.kubeconfig)), Settings())
-    placed = {}
-    for path in (SPEC_8B, SPEC_70B):
-        spec = load_spec(path)
-        done = submitter.submit(spec, namespace=kube_namespace)
-        pod = cp.wait_for_bound_pod(kube_namespace, job_selector(spec.metadata.name))
-        node = cp.request("GET", f"/api/v1/nodes/{pod['spec']['nodeName']}")
-        placed[spec.metadata.name] = (done.plan.gpu_class.name, node["metadata"]["name"])
-    assert placed == {
-        "llama31-8b-support": ("24GB", gpu_nodes["24GB"]),
-        "llama33-70b-support": ("48GB", gpu_nodes["48GB"]),
-    }
+    spec = load_spec(spec_path)
+    done = Submitter(load_client(str(cp.kubeconfig)), Settings()).submit(
+        spec, namespace=kube_namespace)
+    pod = cp.wait_for_bound_pod(kube_namespace, job_selector(spec.metadata.name))
+    assert done.plan.gpu_class.name == gpu_class
+    assert pod["spec"]["nodeName"] == gpu_nodes[gpu_class]
 
 
 def test_a_spec_that_fits_nothing_is_refused_before_anything_is_created(
