@@ -265,6 +265,8 @@ def test_the_trap_catches_a_sync_from_metrics_code(sync_trap: SyncTrap) -> None:
 
 
 @pytest.mark.gpu
+# torch warns on every set_sync_debug_mode call that the mode is a prototype (torch 2.11).
+@pytest.mark.filterwarnings("ignore:Synchronization debug mode is a prototype:UserWarning")
 def test_on_a_gpu_the_callback_reads_memory_without_synchronising() -> None:
     # CUDA's sync debug mode turns any synchronising call into an error. The callback runs
     # under it between steps whose kernels are still in flight, as in a real training loop.
