@@ -4,6 +4,10 @@ its status follows the Job that the real Job controller runs (the test plays the
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 from runner.k8s import names
+from runner.k8s.api import ConflictError
 from runner.k8s.client import KubeClient, load_client
 from runner.k8s.crd import crd_manifest
 from runner.k8s.operator import Operator
@@ -206,3 +211,36 @@ def test_a_restarted_operator_resumes_from_the_cluster(
     again = copy.deepcopy(done)
     fresh.reconcile_all()  # idempotent: nothing changes on a second pass
     assert cp.request("GET", ftj_path(ns, "resume"))["status"] == again
+
+
+def test_a_stale_status_write_is_a_conflict_and_is_retried_on_fresh_state(
+    kube_control_plane: ControlPlane, crd: None, kube_namespace: str
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    stale = create_ftj(cp, ns, example("stale"))
+    cp.request("PATCH", ftj_path(ns, "stale"), {"metadata": {"labels": {"team": "a"}}},
+               content_type="application/merge-patch+json")  # someone else moved it on
+    op = Operator(load_client(str(cp.kubeconfig)), Settings(), namespace=ns)
+    with pytest.raises(ConflictError, match="conflict"):
+        op.reconcile(stale)
+    op.reconcile_all()  # reads again, reconciles, writes
+    assert cp.request("GET", ftj_path(ns, "stale"))["status"]["phase"] == "Planned"
+
+
+def test_qlora_operator_cli_runs_bounded_and_logs_json(
+    kube_control_plane: ControlPlane, crd: None, kube_namespace: str
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    create_ftj(cp, ns, example("cli"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update(KUBECONFIG=str(cp.kubeconfig), QLORA_NAMESPACE=ns)
+    res = subprocess.run([sys.executable, "-m", "runner", "operator", "--max-seconds", "4"],
+                         env=env, text=True, capture_output=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    assert any(r["msg"] == "operator started" and r["namespace"] == ns for r in records)
+    assert any(r.get("phase") == "Planned" for r in records), res.stderr
+    assert cp.request("GET", ftj_path(ns, "cli"))["status"]["phase"] == "Planned"
+    once = subprocess.run([sys.executable, "-m", "runner", "operator", "--once"], env=env,
+                          text=True, capture_output=True, timeout=60, check=False)
+    assert once.returncode == 0, once.stderr
