@@ -5,10 +5,14 @@ Read it top to bottom; each phase is one block in :func:`run`:
 1. **loading**: spec (and ``plan.json`` beside it), base model files, data rows, tokenizer;
 2. **preflight**: format and tokenize the rows exactly as they will be trained; refuse empty,
    malformed or loss-less data (exit 2) before any GPU time is spent;
-3. **training**: load the base model with LoRA attached, snapshot the LoRA tensors, train;
+3. **training**: resume from the newest complete checkpoint of this spec in storage, if any;
+   load the base model with LoRA attached, snapshot the LoRA tensors, train, committing
+   checkpoints on schedule and on SIGTERM (then exit 7; :mod:`runner.train.preemption`);
+   CUDA out of memory exits 6;
 4. **verifying**: the LoRA tensors changed and are finite; save the adapter; reload it on a
    fresh base model, check hashes and logits (exit 4, nothing published, on failure);
-5. **publishing**: upload the adapter with a manifest written last (storage errors exit 5);
+5. **publishing**: upload the adapter with a manifest written last (storage errors exit 5),
+   then prune all but the newest checkpoint;
 6. **succeeded** / **failed**.
 
 Every phase change is logged and passed to ``on_phase`` hooks (metrics). The training stack
@@ -35,6 +39,7 @@ from runner.job_metrics import JobMetrics
 from runner.plan.types import Plan
 from runner.settings import Settings, load_settings
 from runner.spec import load_spec, resolve_spec_path, spec_hash
+from runner.train.preemption import PreemptionGuard
 
 log = logging.getLogger("runner.recipe")
 
@@ -98,10 +103,12 @@ def run(
     settings = settings or load_settings()
     started = time.monotonic()
     metrics = JobMetrics(settings)  # served once the spec names the port; pushed in `finally`
-    phase = _PhaseTracker((*on_phase, metrics.set_phase))
+    guard = PreemptionGuard()  # SIGTERM: checkpoint, then exit 7 (runner.train.preemption)
+    phase = _PhaseTracker((*on_phase, metrics.set_phase, guard.on_phase))
     exit_code = int(ExitCode.INTERNAL)
     try:
-        result = _run(resolve_spec_path(spec_path), settings, callbacks, phase, metrics)
+        with guard:
+            result = _run(resolve_spec_path(spec_path), settings, callbacks, phase, metrics, guard)
         exit_code = int(ExitCode.OK)
     except BaseException as e:
         exit_code = _exit_code(e)
@@ -130,14 +137,18 @@ def _run(
     callbacks: Sequence[Any],
     phase: _PhaseTracker,
     metrics: JobMetrics,
+    guard: PreemptionGuard,
 ) -> RunResult:
     # Imported here so `qlora --help` and the pure commands never load the training modules.
+    from runner.checkpoints import CheckpointStore, checkpoint_identity
     from runner.publish import new_run_id, publish_adapter
     from runner.train import select_backend
     from runner.train.backend import cuda_available, cuda_bf16_supported
     from runner.train.dataset import load_rows
     from runner.train.formatting import format_rows, resolve_chat_template
     from runner.train.model_files import load_tokenizer, resolve_model
+    from runner.train.oom import cuda_oom_as_error
+    from runner.train.preemption import make_checkpoint_callback
     from runner.train.preflight import preflight
     from runner.train.progress import make_progress_callback
     from runner.train.resolve import resolve
@@ -193,6 +204,13 @@ def _run(
 
     # 3. training
     phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
+    checkpoints = CheckpointStore.open(
+        body.output.uri,
+        checkpoint_identity(spec_hash(job), data.fingerprint, base.config_sha256),
+        settings,
+    )
+    resume = checkpoints.restore_latest(work / "resume")  # newest complete one, else None
+    shutil.rmtree(work / "trainer", ignore_errors=True)
     session = backend.load(
         base.path,
         decided.precision,
@@ -202,19 +220,28 @@ def _run(
         trust_remote_code=body.model.trust_remote_code,
     )
     start = make_snapshot_callback()  # LoRA tensors as training begins (after any dtype cast)
-    outcome = backend.train(
-        session,
-        train,
-        eval_data,
-        decided.shape,
-        [
-            start,
-            make_progress_callback(),
-            *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
-            *callbacks,
-        ],
-        work / "trainer",
+    saver = make_checkpoint_callback(
+        checkpoints,
+        guard,
+        every_steps=body.training.checkpoint_every_steps,
+        every_minutes=body.training.checkpoint_every_minutes,
     )
+    with guard.training(), cuda_oom_as_error("training", decided.shape):
+        outcome = backend.train(
+            session,
+            train,
+            eval_data,
+            decided.shape,
+            [
+                start,
+                make_progress_callback(),
+                *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
+                *callbacks,
+                saver,
+            ],
+            work / "trainer",
+            resume_from=resume.local_dir if resume else None,
+        )
     after = snapshot_lora(session.model)
     log.info(
         "training done: %d steps, loss %s -> %s in %.1fs",
@@ -267,11 +294,28 @@ def _run(
         "lora": body.lora.model_dump(mode="json"),
         "training": _training_summary(backend.name, decided, plan, outcome, notes),
         "verification": {"weight_update": weight_update, "reload": reload_report},
+        "checkpoints": {
+            "uri": checkpoints.uri,
+            "resumed_from_step": resume.checkpoint.step if resume else None,
+            "committed_steps": saver.committed_steps,
+        },
         "libraries": library_versions(),
     }
     published = publish_adapter(adapter_dir, body.output.uri, meta, settings, run_id=run_id)
     log.info("published %s", published.manifest_uri, extra={"run_id": published.run_id})
+    _prune(checkpoints)
     return RunResult(published.run_id, published.run_uri, published.manifest_uri, meta)
+
+
+def _prune(checkpoints: Any) -> None:
+    """Drop all but the newest checkpoint once the adapter is published (a rerun of the same
+    spec resumes from that one instead of training again)."""
+    from runner.errors import StorageError
+
+    try:
+        checkpoints.prune(keep=1)
+    except StorageError as e:  # the adapter is published; leftovers only cost storage
+        log.warning("could not prune old checkpoints in %s: %s", checkpoints.uri, e.message)
 
 
 class _PhaseTracker:

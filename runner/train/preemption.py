@@ -23,6 +23,7 @@ the store anyway); a checkpoint asked for by SIGTERM that fails raises the
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import signal
@@ -205,6 +206,18 @@ def make_checkpoint_callback(
                 )
 
     return CheckpointCallback()
+
+
+def checkpoint_is_final(checkpoint_dir: Path) -> bool:
+    """Whether a trainer checkpoint was taken after the last step (nothing left to train).
+
+    Reads ``trainer_state.json`` (``global_step`` and ``max_steps``); False if unreadable.
+    """
+    try:
+        state = json.loads((checkpoint_dir / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state["global_step"]) >= int(state["max_steps"]) > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _drop_older(output_dir: Path, keep_step: int) -> None:

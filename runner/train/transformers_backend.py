@@ -26,6 +26,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
+from runner.train.preemption import checkpoint_is_final
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,15 @@ class TransformersBackend:
         # Progress is logged as structured records (runner.train.progress), not printed.
         trainer.remove_callback(PrinterCallback)
         started = time.monotonic()
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if resume_from is not None and checkpoint_is_final(resume_from):
+            # Nothing left to train: transformers would still run one more step (its epoch
+            # loop checks max_steps only after a step), so load the weights and state instead.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = time.monotonic() - started
         eval_loss: float | None = None
         if eval_data:

@@ -85,8 +85,14 @@ def make_snapshot_callback() -> Any:
         def __init__(self) -> None:
             self.before: dict[str, LoraTensor] | None = None
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # After TRL's cast, before train(resume_from_checkpoint=...) loads a checkpoint:
+            # a resumed run is checked against the LoRA initialisation, not the checkpoint.
             self.before = snapshot_lora(kwargs["model"])
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.before is None:
+                self.before = snapshot_lora(kwargs["model"])
 
     return LoraSnapshotCallback()
 
