@@ -92,3 +92,81 @@ def test_a_targeted_module_without_adapter_fails(lora_model: Any) -> None:
     with pytest.raises(VerificationError) as e:
         check_weight_update(before, snapshot_lora(lora_model), [*DEFAULT_TARGET_MODULES, "w9"])
     assert e.value.details == ("w9: targeted but has no LoRA adapter",)
+
+
+def _examples() -> list[Any]:
+    from runner.train.backend import TokenizedExample
+
+    return [TokenizedExample(tuple(range(5, 25)), (0,) * 10 + (1,) * 10) for _ in range(2)]
+
+
+def _reload(tiny_model_dir: Path, adapter_dir: Path) -> Any:
+    from runner.train.transformers_backend import TransformersBackend
+
+    return TransformersBackend().load_for_verification(
+        tiny_model_dir, adapter_dir, Precision("4bit", "float32")
+    )
+
+
+@pytest.fixture
+def saved_adapter(tiny_model_dir: Path, tmp_path: Path) -> tuple[Any, Path]:
+    """A 4-bit session with LoRA B set to non-zero values, saved to disk."""
+    from runner.train.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend()
+    session = backend.load(
+        tiny_model_dir, Precision("4bit", "float32"), LoraSpec(r=4), seed=0, max_seq_length=32
+    )
+    return session, tmp_path / "adapter"
+
+
+def test_reloaded_adapter_passes_and_reports_the_statistic(
+    tiny_model_dir: Path, saved_adapter: tuple[Any, Path]
+) -> None:
+    from runner.train.transformers_backend import TransformersBackend
+    from runner.train.verify import MIN_LOGIT_DIFF, check_reloaded
+
+    session, adapter_dir = saved_adapter
+    _perturb(session.model, value=0.05)
+    TransformersBackend().save_adapter(session, adapter_dir)
+    report = check_reloaded(_reload(tiny_model_dir, adapter_dir), adapter_dir, _examples())
+    assert report["tensors"] == 28 and report["tensors_hash_equal"]
+    assert report["max_abs_logit_diff"] > MIN_LOGIT_DIFF == report["threshold"]
+    assert report["batch_tokens"] == 40
+
+
+def test_adapter_without_effect_fails_the_logit_check(
+    tiny_model_dir: Path, saved_adapter: tuple[Any, Path]
+) -> None:
+    from runner.train.transformers_backend import TransformersBackend
+    from runner.train.verify import check_reloaded
+
+    session, adapter_dir = saved_adapter  # fresh LoRA: B == 0, so logits equal the base's
+    TransformersBackend().save_adapter(session, adapter_dir)
+    with pytest.raises(
+        VerificationError,
+        match=r"changes the logits by at most 0, not more than 0.01; the adapter has no effect",
+    ):
+        check_reloaded(_reload(tiny_model_dir, adapter_dir), adapter_dir, _examples())
+
+
+def test_saved_file_differing_from_the_reloaded_adapter_fails(
+    tiny_model_dir: Path, saved_adapter: tuple[Any, Path]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from runner.train.transformers_backend import TransformersBackend
+    from runner.train.verify import check_reloaded
+
+    session, adapter_dir = saved_adapter
+    _perturb(session.model, value=0.05)
+    TransformersBackend().save_adapter(session, adapter_dir)
+    reloaded = _reload(tiny_model_dir, adapter_dir)
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1.0
+    save_file(tensors, str(path))
+    with pytest.raises(VerificationError) as e:
+        check_reloaded(reloaded, adapter_dir, _examples())
+    assert e.value.details == (f"{first}: reloaded tensor differs from adapter_model.safetensors",)
