@@ -171,3 +171,34 @@ def test_tiny_run_from_and_to_s3(
     rc, _, err = run_cli(capsys, "verify", s3_bucket.uri_for("adapters/tiny"))
     assert rc == 4, err
     assert "adapter_model.safetensors" in err
+
+
+def test_plan_json_beside_the_spec_sets_the_batch_shape(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runner.plan.types import GpuClass, Plan
+
+    store = tmp_path / "store"
+    spec = write_spec(tmp_path, str(tiny_model_dir), f"file://{store}/tiny", steps=3)
+    plan = Plan(
+        spec_hash="0" * 64,
+        gpu_class=GpuClass("24GB", 23000),
+        backend="transformers",
+        quant_mode="16bit",
+        micro_batch_size=2,
+        gradient_accumulation_steps=3,
+        vram_terms=(),
+        vram_estimate_bytes=1,
+        host_memory_bytes=1,
+        cpu_cores=2,
+        tokens_per_step=384,
+    )
+    (spec.parent / "plan.json").write_text(plan.to_json())
+    rc, out, err = run_cli(capsys, "run", "--spec", str(spec))
+    assert rc == 0, err[-3000:]
+    manifest_uri = json.loads(out.strip().splitlines()[-1])["manifest_uri"]
+    training = json.loads(Path(manifest_uri.removeprefix("file://")).read_text())["training"]
+    assert (training["micro_batch_size"], training["gradient_accumulation_steps"]) == (2, 3)
+    assert training["precision"]["quant_mode"] == "16bit"
+    assert training["plan"]["gpu_class"] == "24GB"
+    assert any(line.startswith("plan.json: 16bit") for line in training["resolved"])
