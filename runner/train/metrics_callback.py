@@ -17,9 +17,14 @@ throughput. So :class:`MetricsCallback` never touches a tensor. It reads only:
 Tokens carrying loss and samples are derived from those: ``samples = epoch x rows`` (exact at
 every epoch boundary, to within one micro batch between them) and ``loss tokens = tokens x
 (loss tokens / tokens of the dataset)`` (exact over each epoch, the expected value within one).
-``tests/test_metrics_callback.py`` proves the "no tensor" rule by training a tiny model with
-``Tensor.item``, ``Tensor.cpu``, ``Tensor.tolist`` and ``torch.cuda.synchronize`` wrapped and
-asserting that none of them is ever called from this module.
+Without ``num_input_tokens_seen`` (a backend that leaves ``include_num_input_tokens_seen``
+off, which also spares the trainer its own per-batch sync for that count) tokens come from
+``epoch x tokens`` of the dataset the same way.
+
+``tests/test_metrics_callback.py`` proves the "no tensor" rule twice: it trains the tiny model
+with ``Tensor.item``, ``.cpu``, ``.tolist``, the number conversions and
+``torch.cuda.synchronize`` wrapped, asserting none is ever called from the metrics code; and on
+a GPU it runs the callback between in-flight steps under CUDA's sync debug mode ``"error"``.
 """
 
 from __future__ import annotations
