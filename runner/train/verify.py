@@ -69,12 +69,14 @@ def snapshot_lora(model: Any) -> dict[str, LoraTensor]:
 
 
 def make_snapshot_callback() -> Any:
-    """A ``TrainerCallback`` that snapshots the LoRA tensors when training begins.
+    """A ``TrainerCallback`` that snapshots the LoRA tensors as the trainer is built.
 
     The "before" state must be taken inside the trainer, not before building it: TRL's
     SFTTrainer casts the LoRA weights of a quantized model to bfloat16 in its constructor, so a
-    snapshot taken earlier differs from the trained start point even if no step ever ran.
-    Register it first; read ``.before`` after training (None if training never began).
+    snapshot taken earlier differs from the trained start point even if no step ever ran. It
+    is taken at ``on_init_end`` (after that cast, before a resumed run loads its checkpoint),
+    else at ``on_train_begin``. Register it first; read ``.before`` after training (None if
+    the trainer never started).
     """
     try:
         from transformers import TrainerCallback
