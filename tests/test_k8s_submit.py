@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -173,6 +174,35 @@ def test_submit_wait_reports_the_failure_reason(
     assert "dataset.sources[0]: no rows" in res.stderr and "exit code 2" in res.stderr
     assert "BackoffLimitExceeded" in res.stderr and "Traceback" not in res.stderr
     assert res.stdout == ""
+
+
+def test_submit_wait_replans_after_running_out_of_gpu_memory(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    uri = "s3://adapters/llama31-8b-support/runs/second-try"
+
+    def kubelet() -> None:
+        pod = cp.wait_for_bound_pod(ns, job_selector("llama31-8b-support"), timeout_s=90)
+        job = pod["metadata"]["labels"]["job-name"]
+        cp.request("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{job}",
+                   {"spec": {"backoffLimit": 0}}, content_type="application/merge-patch+json")
+        cp.play_kubelet(ns, pod["metadata"]["name"], phase="Failed", exit_code=6,
+                        message=termination_message(succeeded=False, exit_code=6,
+                                                    reason="CUDA out of memory"))
+        retry = cp.wait_for_bound_pod(ns, f"{names.LABEL_ATTEMPT}=1", timeout_s=90)
+        cp.play_kubelet(ns, retry["metadata"]["name"], phase="Succeeded",
+                        message=termination_message(succeeded=True, adapter_uri=uri))
+
+    t = threading.Thread(target=kubelet, daemon=True)
+    t.start()
+    res = qlora(["submit", "--wait", "--no-logs", "--timeout", "170", str(SPEC_8B), "-n", ns],
+                cp.kubeconfig, timeout=200)
+    t.join(timeout=5)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == uri
+    assert "out of GPU memory; re-planning (1 of 2)" in res.stderr
+    assert re.search(r"job/llama31-8b-support-\w+-r1 created", res.stderr), res.stderr
 
 
 @pytest.mark.parametrize("case", ["forbidden", "unreachable"])

@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", action="store_true", help="follow the job to its end")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up waiting after this")
     p.add_argument("--no-logs", action="store_true", help="with --wait: don't stream the log")
+    p.add_argument("--max-replans", type=int, default=2, metavar="N",
+                   help="with --wait: re-plan at most N times after a CUDA out-of-memory exit "
+                   "(half the micro batch, then the next GPU class; default 2)")
     p.add_argument("--queue", metavar="NAME", help="Kueue LocalQueue (the Job starts suspended)")
     _cluster_args(p)
     p.set_defaults(handler=_submit)
@@ -142,8 +145,9 @@ def _submit(args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"job.batch/{done.job_name}")
         return int(ExitCode.OK)
-    progress = submitter.wait(
-        done.namespace, done.job_name, follow_logs=not args.no_logs, timeout_s=args.timeout
+    done, progress = submitter.wait_with_replans(
+        spec, done, queue_name=args.queue, follow_logs=not args.no_logs,
+        timeout_s=args.timeout, max_replans=args.max_replans,
     )
     print(progress.adapter_uri or f"job.batch/{done.job_name} completed (no adapter URI reported)")
     return int(ExitCode.OK)

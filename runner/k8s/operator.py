@@ -61,6 +61,7 @@ from runner.k8s.api import (
     Resource,
 )
 from runner.k8s.manifests import render_objects
+from runner.k8s.replan import plan_attempt
 from runner.k8s.status import (
     FAILED,
     PENDING,
@@ -73,7 +74,7 @@ from runner.k8s.status import (
     set_condition,
 )
 from runner.k8s.submitter import job_pods
-from runner.plan import Plan, load_gpu_classes, make_plan
+from runner.plan import Plan, make_plan
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash, validate_document
 
@@ -334,32 +335,8 @@ class Operator:
             self._finish(ftj, old, st, conditions, FAILED, reason, text, gen)
 
     def _plan(self, spec: JobSpec, retries: int) -> tuple[JobSpec, Plan]:
-        """The spec and plan of attempt ``retries``: each out-of-memory re-plan halves the
-        micro batch (doubling accumulation), then moves up one GPU class."""
-        plan = self.planner(spec, self.settings)
-        for _ in range(retries):
-            training = spec.spec.training.model_dump(mode="json")
-            resources = spec.spec.resources.model_dump(mode="json")
-            if plan.micro_batch_size > 1:
-                training["micro_batch_size"] = plan.micro_batch_size // 2
-                training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps * 2
-            else:
-                table = load_gpu_classes(self.settings)
-                larger = [c for c in table.classes
-                          if c.min_memory_mib > plan.gpu_class.min_memory_mib]
-                if not larger:
-                    raise PlanError(
-                        f"out of GPU memory with micro batch 1 on the largest class "
-                        f"({plan.gpu_class.name}); shorten training.max_seq_length"
-                    )
-                resources["gpu_class"] = larger[0].name
-                training["micro_batch_size"] = 1
-                training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
-            doc = spec.model_dump(mode="json", by_alias=True)
-            doc["spec"]["training"], doc["spec"]["resources"] = training, resources
-            spec = validate_document(doc, source="re-plan")
-            plan = self.planner(spec, self.settings)
-        return spec, plan
+        """The spec and plan of attempt ``retries`` (:mod:`runner.k8s.replan`)."""
+        return plan_attempt(spec, retries, self.settings, self.planner)
 
     def _delete_outdated(self, ns: str, name: str, keep: str) -> None:
         """Stop Jobs of an older spec or attempt that still run (finished ones stay for their

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from runner.errors import ExitCode, JobFailedError, KubernetesError, SubmitError
+from runner.errors import ExitCode, JobFailedError, KubernetesError, PlanError, SubmitError
 from runner.k8s import names
 from runner.k8s.api import (
     CONFIGMAPS,
@@ -39,7 +39,8 @@ from runner.k8s.api import (
     resource_of,
 )
 from runner.k8s.manifests import render_objects
-from runner.k8s.status import FAILED, SUCCEEDED, Progress, job_progress
+from runner.k8s.replan import next_attempt_spec
+from runner.k8s.status import SUCCEEDED, Progress, job_progress
 from runner.plan import Plan, make_plan
 from runner.settings import Settings
 from runner.spec import JobSpec
@@ -110,8 +111,9 @@ class Submitter:
         namespace: str | None = None,
         queue_name: str | None = None,
         plan: Plan | None = None,
+        attempt: int = 0,
     ) -> Submission:
-        """Plan, render and apply ``spec``.
+        """Plan, render and apply ``spec`` (``attempt`` > 0: a re-plan, named ``-r<attempt>``).
 
         Raises:
             PlanError: nothing fits (raised before any API call).
@@ -119,7 +121,8 @@ class Submitter:
         """
         plan = plan or make_plan(spec, self.settings)
         ns = namespace or self.settings.namespace
-        objects = render_objects(spec, plan, self.settings, queue_name=queue_name, namespace=ns)
+        objects = render_objects(spec, plan, self.settings, queue_name=queue_name, namespace=ns,
+                                 attempt=attempt)
         applied = tuple(self._apply(obj) for obj in objects)
         job = next(o for o in objects if o["kind"] == "Job")
         return Submission(plan, ns, str(job["metadata"]["name"]), applied)
@@ -161,10 +164,9 @@ class Submitter:
         """Follow a Job to its end; stream its pod's log to ``err`` meanwhile.
 
         Returns:
-            The final :class:`Progress` of a succeeded Job.
+            The final :class:`Progress`: succeeded or failed.
 
         Raises:
-            JobFailedError: the Job failed (message: reason from the termination message).
             SubmitError: the Job vanished, or ``timeout_s`` passed.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -194,9 +196,53 @@ class Submitter:
         finally:
             if streamer is not None:
                 streamer.join(timeout=5)
-        if progress.phase == FAILED:
-            raise job_failed(namespace, job_name, progress)
         return progress
+
+    def wait_with_replans(
+        self,
+        spec: JobSpec,
+        first: Submission,
+        *,
+        queue_name: str | None = None,
+        follow_logs: bool = True,
+        timeout_s: float | None = None,
+        max_replans: int = 2,
+    ) -> tuple[Submission, Progress]:
+        """Follow a submitted spec to the end, re-planning after a CUDA out-of-memory exit
+        (code 6) up to ``max_replans`` times (:mod:`runner.k8s.replan`); each try is a new Job.
+
+        Returns:
+            The last submission and the progress of its succeeded Job.
+
+        Raises:
+            JobFailedError: the (last) Job failed; the message carries the pod's reason.
+            SubmitError: the Job vanished, or ``timeout_s`` passed.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        done = first
+        for attempt in range(max_replans + 1):
+            left = None if deadline is None else max(deadline - time.monotonic(), 1.0)
+            progress = self.wait(done.namespace, done.job_name, follow_logs=follow_logs,
+                                 timeout_s=left)
+            if progress.phase == SUCCEEDED:
+                return done, progress
+            if progress.exit_code != int(ExitCode.CUDA_OOM) or attempt == max_replans:
+                raise job_failed(done.namespace, done.job_name, progress)
+            try:
+                spec = next_attempt_spec(spec, done.plan, self.settings)
+            except PlanError as e:
+                raise job_failed(done.namespace, done.job_name, progress, e.message) from e
+            new_plan = make_plan(spec, self.settings)
+            self._say(
+                f"{done.job_name}: out of GPU memory; re-planning ({attempt + 1} of "
+                f"{max_replans}): {new_plan.gpu_class.name}, micro batch "
+                f"{new_plan.micro_batch_size} x {new_plan.gradient_accumulation_steps}"
+            )
+            done = self.submit(spec, namespace=done.namespace, queue_name=queue_name,
+                               plan=new_plan, attempt=attempt + 1)
+            for applied in done.applied:
+                self._say(f"{done.namespace}: {applied}")
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _sleep_until_change(self, namespace: str, job: Obj) -> None:
         """Block until the Job changes, or at most :data:`WAKE_S` seconds."""
@@ -294,10 +340,12 @@ def _unchanged(before: Obj, live: Obj) -> bool:
     return essence(before) == essence(live)
 
 
-def job_failed(namespace: str, job_name: str, progress: Progress) -> JobFailedError:
+def job_failed(
+    namespace: str, job_name: str, progress: Progress, hint: str | None = None
+) -> JobFailedError:
     """The error for a failed Job, with what to do for the common exit codes."""
     code = progress.exit_code
-    hint = {
+    hint = hint or {
         int(ExitCode.CUDA_OOM): "lower spec.training.micro_batch_size or pick a larger "
         "resources.gpu_class",
         int(ExitCode.INVALID_INPUT): "fix the spec or dataset ('qlora validate FILE')",
@@ -328,4 +376,3 @@ class _LogStreamer(threading.Thread):
             print(f"(log of pod {self.pod} unavailable: {e.message})", file=self.out, flush=True)
 
 
-__all__ = ["FAILED", "SUCCEEDED", "Applied", "Submission", "Submitter", "job_failed", "selector"]

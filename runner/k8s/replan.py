@@ -1,0 +1,62 @@
+"""What to try after a job ran out of GPU memory (exit code 6): the next, smaller plan.
+
+Shared by ``qlora submit --wait`` and the operator so both retry the same way. Pure: a spec and
+its plan in, the spec of the next attempt out (the caller plans it again). The rule, in order:
+
+1. micro batch > 1: halve it and double gradient accumulation, so the optimizer still sees the
+   same number of sequences per step (the loss curve stays comparable);
+2. micro batch 1 already: move to the next larger GPU class of the table, keeping the
+   accumulation that gave the effective batch;
+3. nothing larger: give up with a :class:`~runner.errors.PlanError` that names the next knob.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from runner.errors import PlanError
+from runner.plan import Plan, load_gpu_classes
+from runner.settings import Settings
+from runner.spec import JobSpec, validate_document
+
+Planner = Callable[[JobSpec, Settings], Plan]
+
+
+def next_attempt_spec(spec: JobSpec, plan: Plan, settings: Settings) -> JobSpec:
+    """The spec to plan after ``plan`` ran out of GPU memory.
+
+    Raises:
+        PlanError: the micro batch is 1 on the largest class already.
+    """
+    doc = spec.model_dump(mode="json", by_alias=True)
+    training, resources = doc["spec"]["training"], doc["spec"]["resources"]
+    if plan.micro_batch_size > 1:
+        training["micro_batch_size"] = plan.micro_batch_size // 2
+        training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps * 2
+    else:
+        larger = [c for c in load_gpu_classes(settings).classes
+                  if c.min_memory_mib > plan.gpu_class.min_memory_mib]
+        if not larger:
+            raise PlanError(
+                f"out of GPU memory with micro batch 1 on the largest class "
+                f"({plan.gpu_class.name}); lower training.max_seq_length or lora.r"
+            )
+        resources["gpu_class"] = larger[0].name
+        training["micro_batch_size"] = 1
+        training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+    return validate_document(doc, source="re-plan after running out of GPU memory")
+
+
+def plan_attempt(
+    spec: JobSpec, attempt: int, settings: Settings, planner: Planner
+) -> tuple[JobSpec, Plan]:
+    """The spec and plan of re-plan number ``attempt`` (0 is the spec's own plan).
+
+    Raises:
+        PlanError: the spec fits nothing, or no smaller plan is left.
+    """
+    plan = planner(spec, settings)
+    for _ in range(attempt):
+        spec = next_attempt_spec(spec, plan, settings)
+        plan = planner(spec, settings)
+    return spec, plan
