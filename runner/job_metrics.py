@@ -103,8 +103,13 @@ class JobMetrics:
 
     def set_phase(self, phase: str) -> None:
         """Enter a phase (an ``on_phase`` hook); the final phases are left to :meth:`close`."""
-        if Phase(phase) not in _FINAL:
-            self.metrics.set_phase(phase)
+        try:
+            known = Phase(phase)
+        except ValueError:  # a phase this module does not know yet: metrics never fail a job
+            log.warning("metrics: unknown phase %r not recorded", phase)
+            return
+        if known not in _FINAL:
+            self.metrics.set_phase(known)
             self._record_memory()
 
     def training_callbacks(self, rows: int, tokens: int, loss_tokens: int) -> list[Any]:
@@ -145,4 +150,7 @@ class JobMetrics:
         if "torch" in sys.modules and "transformers" in sys.modules:
             from runner.train.metrics_callback import record_memory
 
-            record_memory(self.metrics)
+            try:
+                record_memory(self.metrics)
+            except RuntimeError as e:  # a CUDA context in an error state after a crash
+                log.warning("metrics: cannot read GPU memory: %s", e)

@@ -118,3 +118,11 @@ def test_open_serves_and_close_pushes_the_failure_then_stops(pushgateway: Pushga
     assert pushgateway.value("qlora_job_exit_code", **group) == 2
     with pytest.raises(urllib.error.URLError):
         http_get(f"http://127.0.0.1:{port}/metrics", timeout_s=2)
+
+
+def test_an_unknown_phase_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    jm = JobMetrics(Settings())
+    jm.set_phase("loading")
+    jm.set_phase("compiling")
+    assert jm.metrics.current_phase is Phase.LOADING
+    assert "unknown phase 'compiling'" in caplog.text
