@@ -104,7 +104,7 @@ def run(
     started = time.monotonic()
     metrics = JobMetrics(settings)  # served once the spec names the port; pushed in `finally`
     guard = PreemptionGuard()  # SIGTERM: checkpoint, then exit 7 (runner.train.preemption)
-    phase = _PhaseTracker((*on_phase, metrics.set_phase, guard.on_phase))
+    phase = _PhaseTracker((guard.on_phase, *on_phase, metrics.set_phase))
     exit_code = int(ExitCode.INTERNAL)
     try:
         with guard:
