@@ -118,3 +118,14 @@ def test_unreachable_server_is_a_clear_error(kube_control_plane: ControlPlane) -
 def test_bad_kubeconfig_is_a_clear_error(tmp_path: Any) -> None:
     with pytest.raises(KubernetesError, match="no usable Kubernetes configuration"):
         load_client(str(tmp_path / "missing.yaml"))
+
+
+def test_a_missing_crd_or_namespace_names_the_fix(api: KubeClient, kube_namespace: str) -> None:
+    from runner.k8s.api import Resource
+
+    # A version no CRD serves: independent of whether another test installed the CRD.
+    unserved = Resource("qlora-runner.io/v1alpha99", "FineTuneJob", "finetunejobs")
+    with pytest.raises(NotFoundError, match="CRD is not installed"):
+        api.list_objects(unserved, kube_namespace)
+    with pytest.raises(NotFoundError, match="create the namespace or pass --namespace"):
+        api.apply(_configmap("no-such-namespace", "a", {}))

@@ -377,8 +377,15 @@ class KubeClient:
             )
         if status == 404:
             hint = ""
-            if res is not None and res.group == "qlora-runner.io" and "could not find" in msg:
-                hint = "; the FineTuneJob CRD is not installed (kubectl apply -f manifests/)"
+            if res is not None and res.group == "qlora-runner.io" and (
+                "could not find" in msg or "page not found" in msg
+            ):
+                hint = (
+                    "; the FineTuneJob CRD is not installed "
+                    "(qlora render --crd | kubectl apply -f -)"
+                )
+            elif msg.startswith("namespaces ") and verb != "delete":
+                hint = "; create the namespace or pass --namespace"
             return NotFoundError(f"{coords}: not found (404): {msg}{hint}")
         if status == 409:
             return ConflictError(f"{coords}: conflict (409): {msg}")

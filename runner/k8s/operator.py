@@ -151,8 +151,11 @@ class Operator:
             if deadline is not None and now >= deadline:
                 break
             if now >= next_resync:
-                self.reconcile_all()
                 next_resync = now + self.resync_s
+                try:
+                    self.reconcile_all()
+                except KubernetesError as e:
+                    log.error("resync failed: %s", e.message)
             try:
                 key = self._queue.get(timeout=0.5)
             except queue.Empty:
@@ -205,12 +208,12 @@ class Operator:
             self._queue.put((ns, str(owner)))
 
     def reconcile_all(self) -> None:
-        """Reconcile every FineTuneJob once (errors are logged per object, never raised)."""
-        try:
-            items, _ = self.api.list_objects(FINETUNEJOBS, self.namespace)
-        except KubernetesError as e:
-            log.error("cannot list finetunejobs: %s", e.message)
-            return
+        """Reconcile every FineTuneJob once (errors are logged per object, never raised).
+
+        Raises:
+            KubernetesError: FineTuneJobs cannot be listed (no CRD, no permission, no API).
+        """
+        items, _ = self.api.list_objects(FINETUNEJOBS, self.namespace)
         for ftj in items:
             self._reconcile_key(str(ftj["metadata"].get("namespace")), ftj["metadata"]["name"])
 
