@@ -5,6 +5,8 @@ trl, datasets, bitsandbytes, unsloth), and only inside functions, so ``import ru
 is cheap and works without the ``train`` extra.
 """
 
+import logging
+
 from runner.train.backend import (
     BatchShape,
     ModelSession,
@@ -24,3 +26,8 @@ __all__ = [
     "TrainerBackend",
     "select_backend",
 ]
+
+# bitsandbytes logs, once per process on the CPU, that `pip install kernels` would speed it up;
+# that package fetches kernels from a model hub at run time, which a job must never do, and the
+# built-in CPU path is the one we want. Set before anything imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

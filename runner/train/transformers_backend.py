@@ -50,13 +50,7 @@ def _device_map() -> dict[str, Any]:
 
 
 def quiet_progress_bars() -> None:
-    """Turn off tqdm bars of datasets and transformers: logs are structured records.
-
-    Also silences bitsandbytes' CPU notice that suggests installing ``kernels``: that package
-    fetches kernels from a model hub at run time, which a job must never do, and the built-in
-    CPU path it falls back to is the one we want.
-    """
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    """Turn off tqdm bars of datasets and transformers: logs are structured records."""
     import datasets
     import transformers
 
