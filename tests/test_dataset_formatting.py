@@ -104,6 +104,18 @@ def test_named_chat_template_overrides_the_tokenizers(tiny_tokenizer: Any) -> No
     assert _loss_text(tiny_tokenizer, _rows(CHAT), spec) == ["cold<|im_end|>\ndown<|im_end|>\n"]
 
 
+def test_template_that_rewrites_earlier_turns_is_refused(tiny_tokenizer: Any) -> None:
+    # renders the final assistant turn differently, so earlier prefixes are not prefixes
+    template = (
+        "{% for m in messages %}{% if loop.last %}[last]{% endif %}"
+        "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    spec = _spec(chat_template=template)
+    with pytest.raises(DataError, match=r"row 1: the chat template does not render turn 2"):
+        format_rows(_rows(CHAT), spec, tiny_tokenizer, resolve_chat_template(spec, tiny_tokenizer))
+
+
 def test_unknown_chat_template_names_the_choices(tiny_tokenizer: Any) -> None:
     with pytest.raises(SpecError, match=r"dataset.chat_template: unknown template 'nope'.*chatml"):
         resolve_chat_template(_spec(chat_template="nope"), tiny_tokenizer)
