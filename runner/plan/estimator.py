@@ -15,7 +15,6 @@ CUDA context, i.e. what ``nvidia-smi`` would show at the peak.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from runner.errors import SpecError
@@ -38,22 +37,38 @@ NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 @dataclass(frozen=True)
+class BackendFit:
+    """How one backend's step memory departs from the hand count; fitted per backend.
+
+    Attributes:
+        activation_factor: Multiplies the hand-counted per-layer activations to give the
+            working set of the layer being recomputed and back-propagated (fused kernels save
+            less than the count, backward gradients add more).
+        dequant_copies: bf16 copies of the largest 4-bit weight alive at once (bitsandbytes
+            dequantizes a weight for each matmul, forward and backward).
+        slack_fraction: Caching-allocator slack on the checkpoints and the working set.
+        fixed_bytes: Workspaces independent of the batch (cuBLAS, the fused loss, kernels).
+    """
+
+    activation_factor: float
+    dequant_copies: float
+    slack_fraction: float
+    fixed_bytes: int
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Constants that counting tensors cannot give; fitted to measurements (see VRAM.md).
 
     Attributes:
-        cuda_context_bytes: CUDA context + kernel images; outside PyTorch's allocator, so not
-            part of ``max_memory_reserved``.
-        allocator_fixed_bytes: cuBLAS workspaces, bitsandbytes tables and small allocations.
-        allocator_slack_fraction: Reserved-but-unallocated memory of the caching allocator,
-            as a fraction of the step's activation memory.
-        activation_factor: Correction of the hand-counted per-layer activations.
-        hf_logits_bytes: Bytes per (token x vocab entry) of the plain HF loss: bf16 logits,
-            fp32 upcast, saved log-softmax and its gradient.
+        unsloth: Fit for Unsloth (offloaded checkpointing, fused kernels and loss).
+        transformers: Fit for transformers + peft + bitsandbytes with checkpointing.
+        hf_logits_bytes: Bytes per (token x vocab entry) of the plain HF loss phase. The
+            measured grid never had the loss set the peak; this is the largest value that
+            agrees with it (Llama-3.2-1B at 65,536 tokens).
         softcap_logits_bytes: Extra bytes per logit element under final-logit soft-capping.
-        unsloth_ce_bytes: Bytes per logit element inside one chunk of Unsloth's fused loss.
-        unsloth_ce_chunk_bytes: Unsloth's per-chunk budget for the fused loss (its default
-            is min(free / 2, 4 GiB)).
+        cuda_context_bytes: CUDA context + kernel images; outside PyTorch's allocator, so not
+            part of ``max_memory_reserved`` (not measured by the grid).
         unsloth_gpu_checkpoints: Layer inputs Unsloth keeps on the GPU while the rest are
             offloaded to host RAM (the current one and the one being prefetched).
         dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
@@ -64,19 +79,27 @@ class Calibration:
         provenance: Where the numbers were measured.
     """
 
-    cuda_context_bytes: int = 600 * MIB
-    allocator_fixed_bytes: int = 256 * MIB
-    allocator_slack_fraction: float = 0.10
-    activation_factor: float = 1.0
-    hf_logits_bytes: float = 16.0
+    unsloth: BackendFit = BackendFit(
+        activation_factor=1.07, dequant_copies=2.06, slack_fraction=0.0, fixed_bytes=404 * MIB
+    )
+    transformers: BackendFit = BackendFit(
+        activation_factor=1.19, dequant_copies=1.24, slack_fraction=0.21, fixed_bytes=0
+    )
+    hf_logits_bytes: float = 1.0
     softcap_logits_bytes: float = 6.0
-    unsloth_ce_bytes: float = 16.0
-    unsloth_ce_chunk_bytes: int = 4 * GIB
+    cuda_context_bytes: int = 600 * MIB
     unsloth_gpu_checkpoints: int = 2
     dynamic_4bit_allowance: float = 0.10
     host_base_bytes: int = 8 * GIB
     host_offload_factor: float = 1.25
-    provenance: str = "first principles (not yet fitted to measurements)"
+    provenance: str = (
+        "bench/vram/results.jsonl: 1x NVIDIA H200, torch 2.11.0, CUDA 13.0, transformers "
+        "5.17.0, peft 0.21.0, bitsandbytes 0.50.2, trl 1.15.0, unsloth 2026.10.9"
+    )
+
+    def fit(self, backend: str) -> BackendFit:
+        """The constants of ``backend``."""
+        return self.unsloth if backend == "unsloth" else self.transformers
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -100,6 +123,8 @@ class TrainingShape:
         skip_modules: Modules a dynamic 4-bit checkpoint keeps in 16 bit.
         hf_upcast_fp32: The transformers backend runs peft's ``prepare_model_for_kbit_training``
             on 4-bit models (qlora run does), which casts every non-4-bit parameter to fp32.
+        padded: Batches carry padding, so the transformers backend builds a 4-D attention
+            mask (real data; the benchmark's fixed-length rows have none).
     """
 
     quant_mode: str
@@ -114,6 +139,7 @@ class TrainingShape:
     compute_dtype: str = "bfloat16"
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
     hf_upcast_fp32: bool = True
+    padded: bool = True
 
     @property
     def tokens(self) -> int:
@@ -281,21 +307,6 @@ def _lora(shape: ModelShape, t: TrainingShape) -> list[VramTerm]:
     ]
 
 
-def _unsloth_loss_bytes(shape: ModelShape, t: TrainingShape, cal: Calibration) -> int:
-    """Unsloth's fused loss: logits exist one chunk at a time (chunks in multiples of 4)."""
-    per_elem = cal.unsloth_ce_bytes + (
-        cal.softcap_logits_bytes if shape.final_logit_softcapping else 0.0
-    )
-    whole = t.tokens * shape.vocab_size * per_elem
-    if whole <= cal.unsloth_ce_chunk_bytes:
-        chunk = whole
-    else:
-        n = math.ceil(whole / cal.unsloth_ce_chunk_bytes / 4) * 4
-        chunk = whole / min(n, t.tokens)
-    # The loss computes the hidden-state gradient in forward and keeps it for backward.
-    return int(chunk + t.tokens * shape.hidden_size * 4)
-
-
 def estimate(
     shape: ModelShape, t: TrainingShape, cal: Calibration = DEFAULT_CALIBRATION
 ) -> Estimate:
@@ -322,19 +333,23 @@ def estimate(
     terms, largest = _weights(shape, t, cal)
     terms += _lora(shape, t)
 
-    per_layer = layer_activation_bytes_per_token(shape, t) * cal.activation_factor
+    fit = cal.fit(t.backend)
+    counted = layer_activation_bytes_per_token(shape, t)
     host_offload = 0
     if not t.gradient_checkpointing:
-        kept = int(shape.num_layers * tokens * per_layer + tokens * a * h)
+        # Not measured: every layer keeps its saved activations; the backward transients of
+        # one layer come on top (first principles, see VRAM.md).
+        kept = int(shape.num_layers * tokens * counted + tokens * a * h)
         terms.append(
             VramTerm(
                 "activations",
                 kept,
                 f"all {shape.num_layers} layers kept: "
-                f"{per_layer / 1024:.0f} KiB/token/layer x {tokens} tokens",
+                f"{counted / 1024:.0f} KiB/token/layer x {tokens} tokens",
             )
         )
         working = int(tokens * _backward_transient_per_token(shape, t))
+        working_note = "backward gradients of one layer"
     else:
         if t.backend == "unsloth":
             n_gpu = min(cal.unsloth_gpu_checkpoints, shape.num_layers)
@@ -348,37 +363,37 @@ def estimate(
             kept = (shape.num_layers + 1) * tokens * a * h
             note = f"{shape.num_layers} layer inputs + embeddings, {a * h} B/token each"
         terms.append(VramTerm("checkpoints", int(kept), note))
-        working = int(tokens * (per_layer + _backward_transient_per_token(shape, t)))
-    if largest:
-        working += 2 * largest  # bitsandbytes dequantizes one weight to bf16 per matmul
-    terms.append(
-        VramTerm(
-            "layer_working_set",
-            working,
-            f"one layer recomputed and back-propagated: {(working / tokens) / 1024:.0f} KiB/token",
+        working = int(tokens * counted * fit.activation_factor)
+        working_note = (
+            f"one layer recomputed and back-propagated: {counted / 1024:.0f} KiB/token "
+            f"counted x {fit.activation_factor:g}"
         )
-    )
+    if largest:
+        working += int(fit.dequant_copies * 2 * largest)
+        working_note += f"; {fit.dequant_copies:g} bf16 copies of the largest 4-bit weight"
+    terms.append(VramTerm("layer_working_set", working, working_note))
 
     if t.backend == "unsloth":
-        loss = _unsloth_loss_bytes(shape, t, cal)
-        loss_note = "Unsloth fused cross-entropy, chunked logits"
+        loss = 0
+        loss_note = "Unsloth's fused loss never materialises the logits (in the fixed workspace)"
     else:
         per_elem = cal.hf_logits_bytes + (
             cal.softcap_logits_bytes if shape.final_logit_softcapping else 0.0
         )
         loss = int(tokens * shape.vocab_size * per_elem)
-        loss_note = f"{tokens} tokens x {shape.vocab_size} vocab x {per_elem:.0f} B"
+        loss_note = f"{tokens} tokens x {shape.vocab_size} vocab x {per_elem:g} B"
     terms.append(VramTerm("logits_loss", loss, loss_note))
-    terms.append(
-        VramTerm(
-            "loss_backward_overlap",
-            -min(loss, working),
-            "the loss and a layer's backward are not live at the same time",
+    if loss:
+        terms.append(
+            VramTerm(
+                "loss_backward_overlap",
+                -min(loss, working),
+                "the loss and a layer's backward are not live at the same time",
+            )
         )
-    )
 
     masks = 0
-    if t.backend == "transformers":
+    if t.backend == "transformers" and t.padded:
         masks += b * s * s  # 4-D boolean padding mask for SDPA
     if shape.sliding_window and s > shape.sliding_window:
         masks += b * s * s
@@ -388,26 +403,22 @@ def estimate(
     if masks:
         terms.append(VramTerm("attention_masks", masks, "attention masks / eager scores"))
 
-    # Weights and LoRA state are allocated once in large blocks; fragmentation comes from the
-    # step's activations, whose sizes vary from op to op.
-    static = {
-        "weights_4bit",
-        "weights_unquantized",
-        "weights_16bit",
-        "dynamic_4bit_allowance",
-        "lora_params",
-        "lora_grads",
-        "optimizer_state",
-        "lm_head_autocast_copy",
-    }
-    dynamic = sum(term.bytes for term in terms if term.name not in static)
-    slack = int(dynamic * cal.allocator_slack_fraction) + cal.allocator_fixed_bytes
+    step = sum(x.bytes for x in terms if x.name in ("checkpoints", "activations"))
+    step += max(working, loss)
+    slack = int(step * fit.slack_fraction)
+    if slack:
+        terms.append(
+            VramTerm(
+                "allocator_slack",
+                slack,
+                f"{fit.slack_fraction:.0%} of checkpoints and working set (caching allocator)",
+            )
+        )
     terms.append(
         VramTerm(
-            "allocator_slack",
-            slack,
-            f"{cal.allocator_slack_fraction:.0%} "
-            f"of activations + {cal.allocator_fixed_bytes // MIB} MiB workspaces",
+            "workspaces",
+            fit.fixed_bytes,
+            f"{t.backend}: cuBLAS, kernel and loss workspaces (measured)",
         )
     )
     terms.append(

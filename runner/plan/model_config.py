@@ -10,6 +10,7 @@ works offline on a laptop for the common base models.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +21,11 @@ from typing import Any
 
 import yaml
 
-from runner.errors import SpecError
+from runner.errors import SpecError, StorageError
 from runner.settings import Settings
 from runner.spec import JobSpec, ModelSourceKind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,21 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
     source = model.source
     kind = model.source_kind
     if kind is ModelSourceKind.S3:
-        return _from_s3(source, settings)
+        try:
+            return _from_s3(source, settings)
+        except StorageError as e:
+            # A mirror named after its hub id (s3://models/meta-llama/Llama-3.1-8B) can still be
+            # planned offline from the bundled shape; the plan says which config it used.
+            tail = "/".join(source.rstrip("/").split("/")[-2:])
+            bundled = bundled_config(tail)
+            if bundled is None:
+                raise
+            log.warning("planning %s from the bundled shape: %s", source, e.message)
+            return ModelConfig(
+                bundled.config,
+                f"{bundled.origin}; {source.rstrip('/')}/config.json was not readable "
+                f"({e.message.split(': ', 1)[-1]})",
+            )
     if kind is ModelSourceKind.HF:
         repo, revision = model.hf_repo
         found = _from_hf_cache(repo, revision) or bundled_config(repo)
