@@ -244,3 +244,29 @@ def test_qlora_operator_cli_runs_bounded_and_logs_json(
     once = subprocess.run([sys.executable, "-m", "runner", "operator", "--once"], env=env,
                           text=True, capture_output=True, timeout=60, check=False)
     assert once.returncode == 0, once.stderr
+
+
+def test_editing_the_spec_replaces_the_running_job(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str,
+    operator: Operator,
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    create_ftj(cp, ns, example("edit"))
+    first = wait_status(cp, ns, "edit", "Planned")
+    pod = cp.wait_for_bound_pod(ns, f"{names.LABEL_JOB}=edit")
+    cp.play_kubelet(ns, pod["metadata"]["name"], phase="Running")
+    wait_status(cp, ns, "edit", "Running")
+
+    ftj = cp.request("GET", ftj_path(ns, "edit"))
+    ftj["spec"]["lora"]["r"] = 32
+    cp.request("PUT", ftj_path(ns, "edit"), ftj)
+
+    def replaced() -> dict[str, Any] | None:
+        st = cp.request("GET", ftj_path(ns, "edit")).get("status") or {}
+        return st if st.get("jobName") not in (None, first["jobName"]) else None
+
+    second = cp.wait_for("a job for the edited spec", replaced, timeout_s=60)
+    assert second["observedGeneration"] == 2 and second["specHash"] != first["specHash"]
+    cp.wait_for("the outdated running job to be deleted", lambda: cp.request(
+        "GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{first['jobName']}", ok_missing=True
+    ) is None, timeout_s=30)
