@@ -22,9 +22,10 @@ BYTES_PER_TOKEN = 4.0
 """JSON bytes per token: English text is ~4 characters per token; keys add some slack."""
 
 HARDWARE_FLOP_UTILISATION = {"unsloth": 0.35, "transformers": 0.30}
-"""Share of the card's dense BF16 peak reached, counting recomputed FLOPs: the published
-LLaMA-2-7B QLoRA runs (A100, seq 2048) reach 37 % (HF + FA2) and 43 % (Unsloth); this is
-rounded down because padding and short rows waste some of it."""
+"""Share of the card's dense BF16 peak reached, counting recomputed FLOPs (6N + attention per
+token). Measured on the bench/vram H200 grid (three workers sharing the card, so a lower
+bound): Llama-3.1-8B at 2048 x 4 ran at 34 % (Unsloth) and 30 % (transformers); published
+LLaMA-2-7B QLoRA runs on an A100 at seq 2048 reach 43 % and 37 % (see VRAM.md)."""
 
 STARTUP_S = 300.0
 """Model download/load, tokenisation and the first compiled step."""
