@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -270,3 +271,25 @@ def test_editing_the_spec_replaces_the_running_job(
     cp.wait_for("the outdated running job to be deleted", lambda: cp.request(
         "GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{first['jobName']}", ok_missing=True
     ) is None, timeout_s=30)
+
+
+def test_qlora_operator_stops_cleanly_on_sigterm(
+    kube_control_plane: ControlPlane, crd: None, kube_namespace: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env.update(KUBECONFIG=str(kube_control_plane.kubeconfig), QLORA_NAMESPACE=kube_namespace)
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "operator"], env=env, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # bounded by the test timeout
+            if "operator started" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, rest
+    assert "operator stopped" in rest

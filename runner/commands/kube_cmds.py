@@ -207,6 +207,10 @@ def _operator(args: argparse.Namespace) -> int:
     op = Operator(_client(args), settings, namespace=namespace, resync_s=args.resync)
     if args.once:
         op.reconcile_all()
-    else:
-        op.run(max_seconds=args.max_seconds)
+        return int(ExitCode.OK)
+    import signal
+
+    # A Deployment rollout sends SIGTERM: finish the reconcile in hand, then leave.
+    signal.signal(signal.SIGTERM, lambda *_: op.stop())
+    op.run(max_seconds=args.max_seconds)
     return int(ExitCode.OK)

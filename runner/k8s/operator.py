@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runner.errors import KubernetesError, PlanError, RunnerError, SpecError
+from runner.errors import ExitCode, KubernetesError, PlanError, RunnerError, SpecError
 from runner.k8s import names
 from runner.k8s.api import (
     FINETUNEJOBS,
@@ -92,7 +92,7 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "pods", ("get", "list", "watch")),
 )
 """The API calls the operator makes, as RBAC rules (see the module docstring)."""
-OOM_EXIT_CODE = 6
+OOM_EXIT_CODE = int(ExitCode.CUDA_OOM)
 Key = tuple[str, str]
 
 
