@@ -7,6 +7,7 @@ exception, reading ``config.json`` from ``s3://``, imports the storage adapter l
 from runner.plan.classes import GpuClassTable, load_gpu_classes, parse_gpu_classes
 from runner.plan.estimator import (
     DEFAULT_CALIBRATION,
+    BackendFit,
     Calibration,
     Estimate,
     TrainingShape,
@@ -20,6 +21,7 @@ from runner.plan.types import GpuClass, Plan, VramTerm
 __all__ = [
     "DEFAULT_CALIBRATION",
     "SUPPORTED_MODEL_TYPES",
+    "BackendFit",
     "Calibration",
     "Estimate",
     "GpuClass",
