@@ -28,7 +28,7 @@ def test_report_counts_tokens_loss_and_truncation(tiny_tokenizer: Any) -> None:
     # byte-level tokenizer: one token per character, plus BOS (which never carries loss)
     assert [len(e.input_ids) for e in examples] == [7, 16]
     assert [sum(e.completion_mask) for e in examples] == [2, 14]
-    assert examples[0].completion_mask == (0, 0, 0, 0, 0, 1, 1)
+    assert tuple(examples[0].completion_mask) == (0, 0, 0, 0, 0, 1, 1)
     assert (report.rows, report.dropped_rows, report.tokens, report.loss_tokens) == (2, 0, 23, 16)
     assert report.truncated_rows == 1 and report.truncation_rate == 0.5
     assert report.max_row_tokens == 32

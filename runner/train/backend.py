@@ -100,14 +100,18 @@ class BatchShape:
 class TokenizedExample:
     """One training sequence exactly as it is trained on (already truncated).
 
+    The preflight stores both sequences as compact ``array`` objects (4 and 1 bytes a token,
+    not a Python int object each), which keeps million-row datasets in memory; any sequence
+    of ints works.
+
     Attributes:
         input_ids: Token ids.
         completion_mask: 1 where the token carries loss, 0 elsewhere; same length.
         row: Where the row came from, e.g. ``dataset.sources[0]: row 17`` (for messages).
     """
 
-    input_ids: tuple[int, ...]
-    completion_mask: tuple[int, ...]
+    input_ids: Sequence[int]
+    completion_mask: Sequence[int]
     row: str = ""
 
 

@@ -17,6 +17,7 @@ would be pointless:
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -106,7 +107,9 @@ def tokenize_rows(
                 mask = _loss_mask(enc["offset_mapping"][k], rows[i].loss_spans)
                 full_lengths[i] = len(ids)
                 examples[i] = TokenizedExample(
-                    tuple(ids[:max_seq_length]), tuple(mask[:max_seq_length]), rows[i].where
+                    array("i", ids[:max_seq_length]),
+                    array("b", mask[:max_seq_length]),
+                    rows[i].where,
                 )
     return [e for e in examples if e is not None], full_lengths
 
