@@ -232,6 +232,12 @@ def test_json_parquet_and_jsonl_read_alike(tmp_path: Path) -> None:
     assert len(data.fingerprint) == 64
 
 
+def test_json_lines_saved_as_json_are_read(tmp_path: Path) -> None:
+    path = _write(tmp_path, "d.json", '{"text": "a"}\n{"text": "b"}\n')
+    data = load_rows(DatasetSpec(sources=[path], format="text", train_on="all"), None, seed=0)
+    assert [r.data["text"] for r in data.train] == ["a", "b"]
+
+
 def test_max_samples_eval_split_and_fingerprint(tmp_path: Path) -> None:
     path = _write(
         tmp_path, "a.jsonl", "".join(json.dumps({"text": str(i)}) + "\n" for i in range(40))

@@ -163,6 +163,8 @@ def _parse(raw: bytes, path: Path, label: str) -> list[Mapping[str, Any]]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON Lines saved as .json, as many hub exports are
+            return _parse_jsonl(text, label)
         raise DataError(f"{label}: invalid JSON at line {e.lineno}: {e.msg}") from e
     if not isinstance(doc, list):
         raise DataError(f"{label}: a .json dataset must be a list of objects")
