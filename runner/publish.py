@@ -8,9 +8,10 @@ Layout under the spec's ``output.uri``::
 
 Every run writes under its own prefix, so a second run never mixes files with the first and
 a failed run leaves the previous adapter and ``latest.json`` untouched. If two runs finish at
-the same moment, the last to write ``latest.json`` wins; both run prefixes stay complete. The commit itself
-(upload, read back and re-hash, manifest last) is :func:`runner.storage.commit.commit_directory`,
-shared with checkpoints. :func:`verify_published` is what ``qlora verify`` runs.
+the same moment, the last to write ``latest.json`` wins; both run prefixes stay complete. The
+commit itself (upload, read back and re-hash, manifest last) is
+:func:`runner.storage.commit.commit_directory`, shared with checkpoints.
+:func:`verify_published` is what ``qlora verify`` runs.
 """
 
 from __future__ import annotations

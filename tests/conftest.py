@@ -6,8 +6,10 @@ failure instead of a skip, so CI can never pass by skipping its integration test
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,17 @@ pytest_plugins: list[str] = [
     "tests.fixtures.prometheus",
     "tests.fixtures.tiny_model",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """``runner.cli.main`` points the root logger at the test's captured stderr; undo it after,
+    so a later test never logs into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def require_binary(name: str, env_dir: str | None = None) -> str:
