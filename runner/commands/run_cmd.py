@@ -16,7 +16,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="train, verify and publish an adapter (the container entrypoint)",
         description="Run one fine-tuning job: load -> preflight -> train -> verify -> publish.\n"
         "The spec is --spec FILE, else $QLORA_SPEC, else /etc/qlora/job.yaml; a plan.json "
-        "next to it fixes the batch shape and precision.\n\n"
+        "next to it fixes the batch shape and precision. Prints a JSON summary (run id, "
+        "manifest URI, first and last loss) on success.\n\n"
+        "exit codes: 0 published | 2 invalid spec or data (preflight) | 4 adapter failed "
+        "verification, nothing published | 5 storage | 6 CUDA out of memory | 7 preempted, "
+        "checkpoint written | 10 training extra missing\n\n"
         "example: qlora run --spec examples/tiny-cpu.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
