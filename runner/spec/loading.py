@@ -109,6 +109,14 @@ def validate_document(doc: object, source: str = "<spec>") -> JobSpec:
             ],
         )
     problems = list(_find_secrets(doc))
+    bad_text = [
+        f"{path}: not valid Unicode text (a lone surrogate escape such as \\ud800)"
+        for path, key, value in _walk(doc)
+        if (isinstance(value, str) and not _is_utf8(value))
+        or (key is not None and not _is_utf8(key))
+    ]
+    if bad_text:  # pydantic cannot even look at such strings: report them alone
+        raise SpecError(f"{source}: invalid spec ({len(bad_text)} problem(s))", _one_line(bad_text))
     secret_paths = {p.split(": ", 1)[0] for p in problems}
     try:
         spec = JobSpec.model_validate(doc)
@@ -119,7 +127,7 @@ def validate_document(doc: object, source: str = "<spec>") -> JobSpec:
         )
         spec = None
     # One problem per line, whatever the user typed into keys and values.
-    problems = [p.replace("\r", "\\r").replace("\n", "\\n") for p in problems]
+    problems = _one_line(problems)
     if problems:
         raise SpecError(f"{source}: invalid spec ({len(problems)} problem(s))", problems)
     assert spec is not None
@@ -165,6 +173,25 @@ def _walk(node: object, path: str = "") -> Iterator[tuple[str, str | None, objec
             sub = f"{path}[{i}]"
             yield sub, None, v
             yield from _walk(v, sub)
+
+
+def _one_line(problems: list[str]) -> list[str]:
+    """One printable line per problem, whatever the user typed into keys and values."""
+    return [
+        p.replace("\r", "\\r")
+        .replace("\n", "\\n")
+        .encode("utf-8", "backslashreplace")  # lone surrogates from "\ud800" escapes
+        .decode("utf-8")
+        for p in problems
+    ]
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _find_secrets(doc: dict[str, Any]) -> Iterator[str]:
