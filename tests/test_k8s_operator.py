@@ -123,11 +123,12 @@ def test_finetunejob_is_planned_run_and_succeeds_with_the_adapter_uri(
     assert cond(done, "Succeeded")["status"] == "True"
     assert cond(done, "Running")["status"] == "False"
 
-    # Deleting the FineTuneJob takes its Job and ConfigMap with it (garbage collector).
+    # Deleting the FineTuneJob takes its Job and ConfigMap with it (garbage collector; it
+    # finds a newly installed CRD on its 30 s discovery resync, hence the long bound).
     cp.request("DELETE", ftj_path(ns, name))
     cp.wait_for("the owned job to be garbage-collected", lambda: cp.request(
         "GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{planned['jobName']}", ok_missing=True
-    ) is None, timeout_s=60)
+    ) is None, timeout_s=120)
 
 
 def test_an_invalid_finetunejob_gets_a_failed_condition_not_a_crash(
