@@ -129,6 +129,8 @@ def _submit(args: argparse.Namespace) -> int:
     from runner.plan import make_plan
     from runner.spec import load_spec
 
+    if args.max_replans < 0:
+        raise SpecError(f"--max-replans: must be 0 or more, got {args.max_replans}")
     spec = load_spec(args.file)
     settings = _settings()
     plan = make_plan(spec, settings)  # refuses a spec that fits nothing: no API call yet
