@@ -76,7 +76,13 @@ def test_the_scheduler_binds_the_pod_to_the_smallest_class_that_fits(
 
     With fake 24, 48 and 80 GB nodes of equal CPU and memory, a required ``Gt`` threshold
     alone lets an 8B pod land on an idle 48 or 80 GB node (all pass the filter and score
-    alike), so the rendered Job must also *prefer* nodes below the next class's threshold.
+    alike), so the rendered Job must also *prefer* nodes below the next class's threshold::
+
+        preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 100
+          preference:
+            matchExpressions:
+            - {key: nvidia.com/gpu.memory, operator: Lt, values: ["<next class min_memory_mib>"]}
     """
     cp = kube_control_plane
     spec = load_spec(spec_path)
