@@ -14,6 +14,7 @@ from runner.spec import load_spec_text
 from runner.spec.model import JobBody
 from runner.train.backend import select_backend
 from runner.train.resolve import CPU_MICRO_BATCH, resolve
+from tests.fixtures.tiny_model import need_train_extra
 
 BASE = """
 apiVersion: qlora-runner.io/v1alpha1
@@ -116,12 +117,12 @@ def test_plan_json_round_trip_and_garbage(tmp_path: Path) -> None:
 
 
 def test_forcing_unsloth_without_cuda_is_a_spec_error() -> None:
-    pytest.importorskip("torch")
+    need_train_extra()
     with pytest.raises(SpecError, match=r"spec.training.backend: 'unsloth' cannot run here"):
         select_backend("unsloth")
 
 
 def test_auto_falls_back_to_transformers_on_cpu() -> None:
-    pytest.importorskip("transformers")
+    need_train_extra()
     assert select_backend("auto").name == "transformers"
     assert select_backend("transformers").name == "transformers"
