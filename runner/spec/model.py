@@ -378,11 +378,13 @@ def _check_s3_uri(uri: str) -> None:
     rest = uri.removeprefix("s3://")
     bucket, _, key = rest.partition("/")
     if "@" in bucket or ":" in bucket:
+        # Not echoed: the part before '@' may be a secret key.
         raise ValueError(
-            f"'{uri}' carries credentials or a port; credentials come from the environment "
-            "or a Secret, the endpoint from settings"
+            f"'s3://…@{bucket.rpartition('@')[2]}/…' carries credentials or a port; credentials "
+            "come from the environment or a Secret, the endpoint from settings"
         )
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
         raise ValueError(f"'{uri}': '{bucket}' is not a valid bucket name (3-63 of a-z 0-9 . -)")
-    if any(part in {"..", "."} for part in key.split("/")) or key.startswith("/"):
+    segments = key.rstrip("/").split("/")
+    if any(part in {"..", "."} for part in segments) or (key.rstrip("/") and "" in segments):
         raise ValueError(f"'{uri}': the key must not contain '.', '..' or '//' segments")

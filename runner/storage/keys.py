@@ -117,9 +117,11 @@ def parse_uri(uri: str) -> StorageUri:
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if "@" in bucket or ":" in bucket:
+            # Not echoed: the part before '@' may be a secret key.
             raise UnsafeKeyError(
-                f"{uri!r}: the bucket part carries credentials or a port; credentials come "
-                "from the environment, the endpoint from QLORA_S3_ENDPOINT_URL"
+                f"'s3://…@{bucket.rpartition('@')[2]}/…': the bucket part carries credentials "
+                "or a port; credentials come from the environment, the endpoint from "
+                "QLORA_S3_ENDPOINT_URL"
             )
         if not _BUCKET_RE.fullmatch(bucket):
             raise UnsafeKeyError(f"{uri!r}: {bucket!r} is not a valid bucket name")
