@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,8 @@ def test_resubmitting_the_same_spec_changes_nothing(
 
 
 def _play(cp: ControlPlane, ns: str, name: str, *, exit_code: int, message: str,
-          fail_job_at_once: bool = False) -> threading.Thread:
-    """In the background: wait for the scheduled pod, run it, then end it."""
+          fail_job_at_once: bool = False, logs: tuple[str, ...] = ()) -> threading.Thread:
+    """In the background: wait for the scheduled pod, run it (writing ``logs``), end it."""
 
     def kubelet() -> None:
         pod = cp.wait_for_bound_pod(ns, job_selector(name), timeout_s=90)
@@ -128,9 +129,14 @@ def _play(cp: ControlPlane, ns: str, name: str, *, exit_code: int, message: str,
             job = pod["metadata"]["labels"]["job-name"]
             cp.request("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{job}",
                        {"spec": {"backoffLimit": 0}}, content_type="application/merge-patch+json")
-        cp.play_kubelet(ns, pod["metadata"]["name"], phase="Running")
-        cp.play_kubelet(ns, pod["metadata"]["name"], phase="Succeeded" if exit_code == 0
-                        else "Failed", exit_code=exit_code, message=message)
+        pod_name = pod["metadata"]["name"]
+        cp.play_kubelet(ns, pod_name, phase="Running")
+        if logs:
+            cp.kubelet.write(ns, pod_name, *logs)
+            time.sleep(2)  # the submitter sees Running and starts following the log
+        cp.kubelet.close(ns, pod_name)
+        cp.play_kubelet(ns, pod_name, phase="Succeeded" if exit_code == 0 else "Failed",
+                        exit_code=exit_code, message=message)
 
     t = threading.Thread(target=kubelet, daemon=True)
     t.start()
@@ -143,21 +149,24 @@ def test_submit_wait_ends_with_the_adapter_uri_and_status_logs_cancel_follow(
     cp, ns = kube_control_plane, kube_namespace
     uri = "s3://adapters/llama31-8b-support/runs/20261128-1000-abc123"
     kubelet = _play(cp, ns, "llama31-8b-support", exit_code=0,
-                    message=termination_message(succeeded=True, adapter_uri=uri))
+                    message=termination_message(succeeded=True, adapter_uri=uri),
+                    logs=("loading model", "step 1/2 loss 2.31", "step 2/2 loss 1.87"))
     res = qlora(["submit", "--wait", "--timeout", "150", str(SPEC_8B), "-n", ns], cp.kubeconfig,
                 timeout=180)
     kubelet.join(timeout=5)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == uri
-    assert "Succeeded" in res.stderr and "log of pod" in res.stderr  # no kubelet to read from
+    assert "Succeeded" in res.stderr
+    assert re.search(r"\[llama31-8b-support-\w+-\w+\] step 2/2 loss 1.87", res.stderr), res.stderr
 
     status = qlora(["status", "llama31-8b-support", "-n", ns], cp.kubeconfig)
     assert status.returncode == 0, status.stderr
     assert "Succeeded" in status.stdout and uri in status.stdout and "24GB" in status.stdout
 
     logs = qlora(["logs", "llama31-8b-support", "-n", ns], cp.kubeconfig)
-    assert logs.returncode == ExitCode.KUBERNETES and "Traceback" not in logs.stderr
-    assert "/log" in logs.stderr
+    assert logs.returncode == 0, logs.stderr
+    assert logs.stdout.splitlines() == ["loading model", "step 1/2 loss 2.31",
+                                        "step 2/2 loss 1.87"]
 
     cancel = qlora(["cancel", "llama31-8b-support", "-n", ns], cp.kubeconfig)
     assert cancel.returncode == 0, cancel.stderr
