@@ -175,6 +175,34 @@ def test_submit_wait_ends_with_the_adapter_uri_and_status_logs_cancel_follow(
     assert gone.returncode == ExitCode.KUBERNETES and "no job named" in gone.stderr
 
 
+def test_logs_follow_prints_lines_as_they_come_and_ends_with_the_container(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    assert qlora(["submit", str(SPEC_8B), "-n", ns], cp.kubeconfig).returncode == 0
+    pod = cp.wait_for_bound_pod(ns, job_selector("llama31-8b-support"))["metadata"]["name"]
+    cp.play_kubelet(ns, pod, phase="Running")
+    cp.kubelet.write(ns, pod, "step 1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env["KUBECONFIG"] = str(cp.kubeconfig)
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "logs", "-f", "llama31-8b-support",
+                             "-n", ns], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "step 1\n"  # printed while the container still runs
+        cp.kubelet.write(ns, pod, "step 2")
+        assert proc.stdout.readline() == "step 2\n"
+        cp.kubelet.close(ns, pod)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 0, err
+    assert out == ""
+
+
 def test_submit_wait_reports_the_failure_reason(
     kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str
 ) -> None:
