@@ -144,6 +144,13 @@ def test_an_invalid_finetunejob_gets_a_failed_condition_not_a_crash(
     assert cond(failed, "Failed")["reason"] == "InvalidSpec"
     jobs = cp.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]
     assert jobs == []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    env["KUBECONFIG"] = str(cp.kubeconfig)
+    shown = subprocess.run([sys.executable, "-m", "runner", "status", "bad-batch", "-n", ns],
+                           env=env, text=True, capture_output=True, timeout=60, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("finetunejob/bad-batch: Failed") and "micro_batch_size 64" \
+        in shown.stdout
 
     # Fixing the spec (a new generation) recovers it: level-triggered, nothing remembered.
     fixed = cp.request("GET", ftj_path(ns, "bad-batch"))

@@ -156,6 +156,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from runner.k8s import names
     from runner.k8s.submitter import Submitter
 
     settings = _settings()
@@ -166,13 +167,15 @@ def _status(args: argparse.Namespace) -> int:
         st = ftj.get("status") or {}
         print(f"finetunejob/{args.name}: {st.get('phase', 'Pending')}  class "
               f"{st.get('gpuClass', '-')}  {st.get('adapterURI') or st.get('message') or ''}")
+        if not submitter.jobs_for(args.name, ns):  # e.g. an invalid spec: the status says why
+            return int(ExitCode.OK)
     rows = [("JOB", "CLASS", "PHASE", "NODE", "DETAIL")]
     for job, progress in submitter.status(args.name, ns):
         labels = job["metadata"].get("labels") or {}
         detail = progress.adapter_uri or progress.message
         if progress.exit_code not in (None, 0):
             detail += f" (exit code {progress.exit_code})"
-        rows.append((job["metadata"]["name"], labels.get("qlora-runner.io/gpu-class", "-"),
+        rows.append((job["metadata"]["name"], labels.get(names.LABEL_GPU_CLASS, "-"),
                      progress.phase, progress.node_name or "-", detail))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
