@@ -420,7 +420,7 @@ def run_driver(ns: argparse.Namespace) -> int:
                   flush=True)
             if rec.get("log_tail"):
                 print(rec["log_tail"][-2500:], flush=True)
-    if ns.planner:
+    if ns.planner and deadline - time.time() > 200:
         run_planner_comparison(ns, models, work, env, results)
     return 0
 

@@ -183,13 +183,19 @@ class UnslothBackend:
         shape: BatchShape,
         callbacks: Sequence[Any],
         output_dir: Path,
+        resume_from: Path | None = None,
     ) -> TrainOutcome:
-        """Train the session's LoRA weights in place with (Unsloth-patched) SFTTrainer."""
+        """Train the session's LoRA weights in place with (Unsloth-patched) SFTTrainer.
+
+        ``resume_from`` continues from a trainer checkpoint exactly as the transformers
+        backend does (step count, data position, optimizer and loss history carry on).
+        """
         _unsloth()
         from datasets import Dataset
         from transformers import PrinterCallback
         from trl import SFTConfig, SFTTrainer
 
+        from runner.train.preemption import checkpoint_is_final
         from runner.train.transformers_backend import quiet_progress_bars
 
         quiet_progress_bars()
@@ -219,7 +225,7 @@ class UnslothBackend:
             bf16=dtype == "bfloat16",
             fp16=dtype == "float16",
             max_length=shape.max_seq_length,
-            packing=False,
+            packing=shape.packing,
             completion_only_loss=shape.completion_only_loss,
             include_num_input_tokens_seen="non_padding",
             dataloader_num_workers=0,
@@ -239,7 +245,14 @@ class UnslothBackend:
             counts = check_completion_masking(trainer, train, shape.micro_batch_size)
             log.info("completion-only loss checked on the collated batch", extra=counts)
         started = time.monotonic()
-        trainer.train()
+        if resume_from is not None and checkpoint_is_final(resume_from):
+            # Nothing left to train (see TransformersBackend.train): load, do not step again.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(str(resume_from))
+            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = time.monotonic() - started
         eval_loss: float | None = None
         if eval_data:
