@@ -5,23 +5,33 @@ A preempted or crashed pod loses its local disk, so every checkpoint the trainer
 and ``trainer_state.json`` with the step and the loss history) is copied to the same store as
 ``spec.output.uri``, under a prefix of its own::
 
-    <output>/checkpoints/<spec hash>/step-00000040/<files>     # uploaded and re-hashed first
-    <output>/checkpoints/<spec hash>/step-00000040/manifest.json   # written last: the commit
+    <output>/checkpoints/<training hash>/step-00000040/<files>        # uploaded, re-hashed
+    <output>/checkpoints/<training hash>/step-00000040/manifest.json  # last: the commit
 
 The commit is :func:`runner.storage.commit.commit_directory`, the same protocol as publishing,
 so a kill at any moment leaves either a complete checkpoint or a prefix without a manifest,
-which every reader ignores. On start the runner takes the newest committed checkpoint of the
-same spec hash *and* the same data and base model (their fingerprints are in the manifest, so
-editing a data file in place never resumes onto other data), downloads it and checks every
-file's sha256; a damaged one (a file deleted or corrupted in the store) is skipped with a
-warning and the next older one is tried. After a successful publish, older checkpoints are
-pruned; the newest stays, so a rerun of the same spec resumes from it instead of retraining.
+which every reader ignores.
+
+The *training hash* (:func:`training_hash`) is the spec hash without the fields that only say
+how the same optimisation is laid out on hardware: ``training.micro_batch_size``,
+``training.gradient_accumulation_steps``, ``resources`` and ``metrics``. So after an
+out-of-memory re-plan (half the micro batch, double the accumulation, or a larger GPU class)
+the new attempt resumes from the last checkpoint instead of starting over; the effective
+batch size and the resolved precision are part of the identity and must match, as must the
+data and base model fingerprints (so editing a data file in place never resumes onto other
+data). On start the runner takes the newest committed checkpoint with that identity,
+downloads it and checks every file's sha256; a damaged one (a file deleted or corrupted in
+the store) is skipped with a warning and the next older one is tried. After a successful
+publish, older checkpoints are pruned; the newest stays, so a rerun of the same spec resumes
+from it instead of retraining.
 
 No training library is imported here: the files are opaque.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import shutil
@@ -32,6 +42,7 @@ from typing import Any
 
 from runner.errors import VerificationError
 from runner.settings import Settings
+from runner.spec.model import JobSpec
 from runner.storage.commit import (
     MANIFEST_NAME,
     commit_directory,
@@ -101,8 +112,8 @@ class CheckpointStore:
     Args:
         store: The store of ``spec.output.uri``.
         root: Key prefix of this job's checkpoints (``<output>/checkpoints/<spec hash>``).
-        identity: Fields written into every manifest and required to match on resume:
-            ``spec_hash``, plus e.g. ``dataset_fingerprint`` and ``base_model_config_sha256``.
+        identity: Fields written into every manifest and required to match on resume
+            (:func:`checkpoint_identity`); ``training_hash`` names the folder.
     """
 
     def __init__(self, store: ObjectStore, root: str, identity: Mapping[str, Any]) -> None:
@@ -114,17 +125,17 @@ class CheckpointStore:
     def open(
         cls, output_uri: str, identity: Mapping[str, Any], settings: Settings
     ) -> CheckpointStore:
-        """The checkpoints under ``<output_uri>/checkpoints/<identity['spec_hash']>``.
+        """The checkpoints under ``<output_uri>/checkpoints/<identity['training_hash']>``.
 
         Raises:
             UnsafeKeyError: ``output_uri`` is not an allowed, safe URI (exit code 2).
-            ValueError: ``identity`` has no 64-hex-digit ``spec_hash``.
+            ValueError: ``identity`` has no 64-hex-digit ``training_hash``.
         """
-        spec_hash = str(identity.get("spec_hash", ""))
-        if not re.fullmatch(r"[0-9a-f]{64}", spec_hash):
-            raise ValueError("identity['spec_hash'] must be 64 lowercase hex digits")
+        digest = str(identity.get("training_hash", ""))
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError("identity['training_hash'] must be 64 lowercase hex digits")
         store, prefix = open_store(output_uri, settings)
-        return cls(store, join_key(prefix, CHECKPOINTS_DIR, spec_hash), identity)
+        return cls(store, join_key(prefix, CHECKPOINTS_DIR, digest), identity)
 
     @property
     def uri(self) -> str:
@@ -278,12 +289,53 @@ class CheckpointStore:
         return deleted
 
 
+LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
+    "training": ("micro_batch_size", "gradient_accumulation_steps"),
+    "resources": ("gpu_class", "priority"),
+    "metrics": ("enabled", "port", "pushgateway_url"),
+}
+"""Spec fields left out of :func:`training_hash`: where and in which slices the same
+optimisation runs, not what it computes."""
+
+
+def training_hash(job: JobSpec) -> str:
+    """The spec's sha256 without :data:`LAYOUT_FIELDS` (64 hex digits).
+
+    Two specs with the same training hash train the same model on the same data with the same
+    schedule; they may differ in micro batch, accumulation, GPU class and metrics settings.
+    """
+    body = job.spec.model_dump(mode="json")
+    for section, fields in LAYOUT_FIELDS.items():
+        for name in fields:
+            body.get(section, {}).pop(name, None)
+    canonical = json.dumps({"name": job.metadata.name, "spec": body}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def checkpoint_identity(
-    spec_hash: str, dataset_fingerprint: str | None, base_model_config_sha256: str | None
+    job: JobSpec,
+    *,
+    dataset_fingerprint: str | None,
+    base_model_config_sha256: str | None,
+    effective_batch_size: int,
+    quant_mode: str,
+    compute_dtype: str,
 ) -> dict[str, Any]:
-    """The manifest fields that must match for a checkpoint to be resumed from."""
+    """The manifest fields that must match for a checkpoint to be resumed from.
+
+    Args:
+        job: The job spec (its :func:`training_hash` names the checkpoint folder).
+        dataset_fingerprint: sha256 over the data files, as in the published manifest.
+        base_model_config_sha256: sha256 of the base model's ``config.json``.
+        effective_batch_size: Micro batch x accumulation as resolved for this run.
+        quant_mode: Resolved precision of the base model (``4bit``, ``16bit`` ...).
+        compute_dtype: Resolved compute dtype.
+    """
     return {
-        "spec_hash": spec_hash,
+        "training_hash": training_hash(job),
         "dataset_fingerprint": dataset_fingerprint,
         "base_model_config_sha256": base_model_config_sha256,
+        "effective_batch_size": effective_batch_size,
+        "quant_mode": quant_mode,
+        "compute_dtype": compute_dtype,
     }

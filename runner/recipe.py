@@ -204,9 +204,17 @@ def _run(
 
     # 3. training
     phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
+    shape = decided.shape
     checkpoints = CheckpointStore.open(
         body.output.uri,
-        checkpoint_identity(spec_hash(job), data.fingerprint, base.config_sha256),
+        checkpoint_identity(
+            job,
+            dataset_fingerprint=data.fingerprint,
+            base_model_config_sha256=base.config_sha256,
+            effective_batch_size=shape.micro_batch_size * shape.gradient_accumulation_steps,
+            quant_mode=decided.precision.quant_mode,
+            compute_dtype=decided.precision.compute_dtype,
+        ),
         settings,
     )
     resume = checkpoints.restore_latest(work / "resume")  # newest complete one, else None

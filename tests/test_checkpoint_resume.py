@@ -186,3 +186,27 @@ def test_cuda_out_of_memory_is_exit_6_with_the_batch_shape(
     assert info.value.exit_code == 6
     assert "micro batch 8 x accumulation 1" in info.value.message
     assert "Tried to allocate 2.00 GiB" in info.value.message
+
+
+def test_replanned_batch_shape_resumes_from_the_checkpoint(
+    tiny_model_dir: Path, tmp_path: Path, settings: Settings, baseline: list[float]
+) -> None:
+    """After an out-of-memory re-plan (half the micro batch, double the accumulation) the new
+    attempt resumes from the last checkpoint: same data position, no jump in the loss."""
+    store = tmp_path / "store-f"
+    spec = write_spec(tmp_path, tiny_model_dir, store)
+    with pytest.raises(PreemptedError):
+        run(str(spec), settings=settings, callbacks=[at_step(PREEMPT_AT, sigterm_self)])
+    doc = yaml.safe_load(spec.read_text())
+    doc["spec"]["training"].update(micro_batch_size=4, gradient_accumulation_steps=2)
+    replanned = tmp_path / "job-replanned.yaml"
+    replanned.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    resumed = run(str(replanned), settings=settings)
+    assert resumed.metadata["checkpoints"]["resumed_from_step"] == PREEMPT_AT
+    assert resumed.metadata["training"]["micro_batch_size"] == 4
+    assert resumed.metadata["training"]["steps"] == STEPS
+    curve = losses(resumed)
+    noise = max(abs(a - b) for a, b in zip(baseline[1:], baseline[:-1], strict=False))
+    after = [abs(c - b) for c, b in zip(curve[PREEMPT_AT:], baseline[PREEMPT_AT:], strict=True)]
+    assert max(after) < 0.25 * noise, (after, noise)

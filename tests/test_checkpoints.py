@@ -19,6 +19,7 @@ from runner.checkpoints import (
     checkpoint_identity,
     parse_step,
     step_name,
+    training_hash,
 )
 from runner.cli import main
 from runner.errors import ExitCode
@@ -28,7 +29,14 @@ from runner.storage.keys import UnsafeKeyError
 from tests.fixtures.s3 import S3Bucket
 
 SPEC_HASH = "ab" * 32
-IDENTITY = checkpoint_identity(SPEC_HASH, "d4" * 32, "c0" * 32)
+IDENTITY: dict[str, Any] = {
+    "training_hash": SPEC_HASH,
+    "dataset_fingerprint": "d4" * 32,
+    "base_model_config_sha256": "c0" * 32,
+    "effective_batch_size": 16,
+    "quant_mode": "4bit",
+    "compute_dtype": "bfloat16",
+}
 TRAINER_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -84,7 +92,7 @@ def test_save_then_restore_newest(tmp_path: Path) -> None:
     )
     assert manifest["kind"] == "checkpoint"
     assert manifest["step"] == 10
-    assert manifest["spec_hash"] == SPEC_HASH
+    assert manifest["training_hash"] == SPEC_HASH
 
 
 def test_no_checkpoint_means_start_fresh(tmp_path: Path) -> None:
@@ -128,10 +136,12 @@ def test_damaged_newest_falls_back_to_previous(tmp_path: Path, damage: str) -> N
 
 
 def test_checkpoint_of_other_data_is_not_resumed(tmp_path: Path) -> None:
-    old = local_store(tmp_path, checkpoint_identity(SPEC_HASH, "0f" * 32, "c0" * 32))
+    old = local_store(tmp_path, {**IDENTITY, "dataset_fingerprint": "0f" * 32})
     old.save(trainer_checkpoint(tmp_path / "t", 5), 5)
     restored = local_store(tmp_path).restore_latest(tmp_path / "resume")
     assert restored is None
+    other_batch = local_store(tmp_path, {**IDENTITY, "effective_batch_size": 32})
+    assert other_batch.restore_latest(tmp_path / "resume") is None
 
 
 def test_saving_a_committed_step_again_keeps_it(tmp_path: Path) -> None:
@@ -180,11 +190,85 @@ def test_open_refuses_unsafe_output_uris(uri: str) -> None:
         CheckpointStore.open(uri, IDENTITY, Settings())
 
 
-def test_open_refuses_a_spec_hash_that_is_not_a_hash(tmp_path: Path) -> None:
+def test_open_refuses_a_training_hash_that_is_not_a_hash(tmp_path: Path) -> None:
     from runner.settings import Settings
 
-    with pytest.raises(ValueError, match="spec_hash"):
-        CheckpointStore.open(f"file://{tmp_path}", {"spec_hash": "../../x"}, Settings())
+    with pytest.raises(ValueError, match="training_hash"):
+        CheckpointStore.open(f"file://{tmp_path}", {"training_hash": "../../x"}, Settings())
+
+
+TRAINING_SPEC = """
+apiVersion: qlora-runner.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: bot, labels: {team: a}}
+spec:
+  model: {source: /models/tiny}
+  dataset: {sources: [/data/train.jsonl]}
+  training: {micro_batch_size: 4, gradient_accumulation_steps: 4}
+  output: {uri: file:///data/out}
+"""
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("training", "micro_batch_size", 2),
+        ("training", "gradient_accumulation_steps", 8),
+        ("resources", "gpu_class", "80GB"),
+        ("metrics", "port", 9500),
+        ("metrics", "enabled", False),
+    ],
+)
+def test_an_oom_replan_keeps_the_training_hash(section: str, field: str, value: Any) -> None:
+    """Half the micro batch, double the accumulation, a larger class: same checkpoints."""
+    import yaml
+
+    from runner.spec import load_spec_text, spec_hash, validate_document
+
+    base = load_spec_text(TRAINING_SPEC)
+    doc = yaml.safe_load(TRAINING_SPEC)
+    doc["spec"].setdefault(section, {})[field] = value
+    changed = validate_document(doc)
+    assert spec_hash(changed) != spec_hash(base)
+    assert training_hash(changed) == training_hash(base)
+
+
+@pytest.mark.parametrize(
+    ("section", "field", "value"),
+    [
+        ("training", "learning_rate", 1e-3),
+        ("training", "seed", 1),
+        ("training", "max_steps", 10),
+        ("dataset", "sources", ["/data/other.jsonl"]),
+        ("model", "source", "/models/other"),
+        ("lora", "r", 8),
+        ("quantization", "mode", "16bit"),
+    ],
+)
+def test_a_different_training_has_another_hash(section: str, field: str, value: Any) -> None:
+    import yaml
+
+    from runner.spec import load_spec_text, validate_document
+
+    doc = yaml.safe_load(TRAINING_SPEC)
+    doc["spec"].setdefault(section, {})[field] = value
+    assert training_hash(validate_document(doc)) != training_hash(load_spec_text(TRAINING_SPEC))
+
+
+def test_checkpoint_identity_fields() -> None:
+    from runner.spec import load_spec_text
+
+    job = load_spec_text(TRAINING_SPEC)
+    identity = checkpoint_identity(
+        job,
+        dataset_fingerprint="d4" * 32,
+        base_model_config_sha256=None,
+        effective_batch_size=16,
+        quant_mode="4bit",
+        compute_dtype="bfloat16",
+    )
+    assert identity["training_hash"] == training_hash(job)
+    assert identity["effective_batch_size"] == 16
 
 
 @pytest.mark.integration

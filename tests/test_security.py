@@ -136,7 +136,7 @@ def test_checkpoint_keys_stay_under_the_output_prefix(
         parsed = parse_uri(uri)
     except UnsafeKeyError:
         return
-    ck = CheckpointStore.open(uri, {"spec_hash": "ab" * 32}, Settings())
+    ck = CheckpointStore.open(uri, {"training_hash": "ab" * 32}, Settings())
     expected = join_key(parsed.key, CHECKPOINTS_DIR, "ab" * 32)
     assert ck.root == expected
     for part in ck.root.split("/"):
