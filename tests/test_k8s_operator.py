@@ -301,3 +301,25 @@ def test_qlora_operator_stops_cleanly_on_sigterm(
             proc.wait(timeout=10)
     assert proc.returncode == 0, rest
     assert "operator stopped" in rest
+
+
+def test_a_failed_job_shows_in_the_finetunejob_with_its_reason(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], kube_namespace: str,
+    operator: Operator,
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    create_ftj(cp, ns, example("fails"))
+    wait_status(cp, ns, "fails", "Planned")
+    pod = cp.wait_for_bound_pod(ns, f"{names.LABEL_JOB}=fails")
+    job = pod["metadata"]["labels"]["job-name"]
+    # podFailurePolicy (FailJob on exit 2) is newer than this API server: stand in for it.
+    cp.request("PATCH", f"/apis/batch/v1/namespaces/{ns}/jobs/{job}", {"spec": {"backoffLimit": 0}},
+               content_type="application/merge-patch+json")
+    cp.play_kubelet(ns, pod["metadata"]["name"], phase="Failed", exit_code=2,
+                    message=termination_message(succeeded=False, exit_code=2,
+                                                reason="dataset.sources[0]: 0 rows"))
+    failed = wait_status(cp, ns, "fails", "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["message"] == "dataset.sources[0]: 0 rows (exit code 2)"
+    assert cond(failed, "Failed")["status"] == "True"
+    assert failed.get("retries") == 0 and "completionTime" in failed
