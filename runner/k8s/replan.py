@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from runner.errors import PlanError
 from runner.plan import Plan, load_gpu_classes
+from runner.plan.replan import apply_replan, replan_after_oom
 from runner.settings import Settings
 from runner.spec import JobSpec, validate_document
 
@@ -28,22 +28,10 @@ def next_attempt_spec(spec: JobSpec, plan: Plan, settings: Settings) -> JobSpec:
     Raises:
         PlanError: the micro batch is 1 on the largest class already.
     """
-    doc = spec.model_dump(mode="json", by_alias=True)
-    training, resources = doc["spec"]["training"], doc["spec"]["resources"]
-    if plan.micro_batch_size > 1:
-        training["micro_batch_size"] = plan.micro_batch_size // 2
-        training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps * 2
-    else:
-        larger = [c for c in load_gpu_classes(settings).classes
-                  if c.min_memory_mib > plan.gpu_class.min_memory_mib]
-        if not larger:
-            raise PlanError(
-                f"out of GPU memory with micro batch 1 on the largest class "
-                f"({plan.gpu_class.name}); lower training.max_seq_length or lora.r"
-            )
-        resources["gpu_class"] = larger[0].name
-        training["micro_batch_size"] = 1
-        training["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
+    # The rule itself is runner.plan.replan (pure; it also keeps odd micro batches' effective
+    # batch exact); the number of attempts is bounded by the caller.
+    step = replan_after_oom(plan, load_gpu_classes(settings), max_attempts=None)
+    doc = apply_replan(spec.model_dump(mode="json", by_alias=True), step)
     return validate_document(doc, source="re-plan after running out of GPU memory")
 
 

@@ -64,9 +64,9 @@ def _smallest_factor(n: int) -> int:
 def replan_after_oom(
     plan: Plan,
     table: GpuClassTable,
-    attempt: int,
+    attempt: int = 1,
     *,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    max_attempts: int | None = DEFAULT_MAX_ATTEMPTS,
 ) -> Replan:
     """The next layout after attempt ``attempt - 1`` (planned as ``plan``) ran out of memory.
 
@@ -74,7 +74,7 @@ def replan_after_oom(
         plan: The plan that ran out of memory.
         table: The GPU class table.
         attempt: The number of this re-plan (1 for the first).
-        max_attempts: Bound on re-plans.
+        max_attempts: Bound on re-plans; None when the caller bounds them itself.
 
     Raises:
         PlanError: the bound is reached, or micro batch 1 ran out of memory on the largest
@@ -85,7 +85,8 @@ def replan_after_oom(
         plan.gradient_accumulation_steps,
         plan.gpu_class,
     )
-    if attempt > max_attempts:
+    of = f"{attempt}/{max_attempts}" if max_attempts is not None else str(attempt)
+    if max_attempts is not None and attempt > max_attempts:
         raise PlanError(
             f"out of GPU memory {attempt} times (micro batch {micro} x accumulation {accum} "
             f"on {current.name}); stopped after {max_attempts} re-plans: lower "
@@ -99,7 +100,7 @@ def replan_after_oom(
             accum * factor,
             current.name,
             f"out of GPU memory with micro batch {micro} x {accum} on {current.name}; "
-            f"re-plan {attempt}/{max_attempts}: micro batch {micro // factor} x "
+            f"re-plan {of}: micro batch {micro // factor} x "
             f"{accum * factor} (effective batch {micro * accum} unchanged)",
         )
     larger = [c for c in table.classes if c.min_memory_mib > current.min_memory_mib]
@@ -115,7 +116,7 @@ def replan_after_oom(
         accum,
         nxt.name,
         f"out of GPU memory with micro batch 1 on {current.name}; re-plan "
-        f"{attempt}/{max_attempts}: next GPU class {nxt.name}, micro batch 1 x {accum}",
+        f"{of}: next GPU class {nxt.name}, micro batch 1 x {accum}",
     )
 
 
