@@ -1,13 +1,10 @@
 """What to try after a job ran out of GPU memory (exit code 6): the next, smaller plan.
 
-Shared by ``qlora submit --wait`` and the operator so both retry the same way. Pure: a spec and
-its plan in, the spec of the next attempt out (the caller plans it again). The rule, in order:
-
-1. micro batch > 1: halve it and double gradient accumulation, so the optimizer still sees the
-   same number of sequences per step (the loss curve stays comparable);
-2. micro batch 1 already: move to the next larger GPU class of the table, keeping the
-   accumulation that gave the effective batch;
-3. nothing larger: give up with a :class:`~runner.errors.PlanError` that names the next knob.
+Shared by ``qlora submit --wait`` and the operator so both retry the same way: a spec and its
+plan in, the spec of the next attempt out (the caller plans it again and bounds the number of
+attempts). The rule is :mod:`runner.plan.replan`'s: first a smaller micro batch with more
+gradient accumulation (the effective batch stays exactly the same), then, at micro batch 1, the
+next larger GPU class; nothing larger left is a :class:`~runner.errors.PlanError`.
 """
 
 from __future__ import annotations
