@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from runner.k8s.manifests import (
 )
 from runner.plan import GpuClass, Plan
 from runner.settings import Settings
-from runner.spec import load_spec_text, spec_hash
+from runner.spec import load_spec, load_spec_text, spec_hash
 
 GIB = 1024**3
 
@@ -174,6 +175,41 @@ def test_affinity_threshold_per_class(cls: str, threshold: str) -> None:
         "operator": "Gt",
         "values": [threshold],
     }
+
+
+@pytest.mark.parametrize(
+    ("below", "expected"), [(45000, "45000"), (None, None)], ids=["next", "top"]
+)
+def test_affinity_prefers_the_smallest_fitting_card(
+    below: int | None, expected: str | None
+) -> None:
+    spec = load_spec_text(SPEC)
+    plan = make_plan(SPEC, CLASSES["24GB"], prefer_below_mib=below)
+    _, job = render_objects(spec, plan, Settings())
+    affinity = pod(job)["affinity"]["nodeAffinity"]
+    preferred = affinity.get("preferredDuringSchedulingIgnoredDuringExecution")
+    if expected is None:
+        assert preferred is None
+        return
+    assert preferred == [
+        {
+            "weight": 100,
+            "preference": {
+                "matchExpressions": [
+                    {"key": "nvidia.com/gpu.memory", "operator": "Lt", "values": [expected]}
+                ]
+            },
+        }
+    ]
+
+
+def test_planner_names_the_next_class_floor() -> None:
+    from runner.plan import make_plan as plan_for
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "llama-3.1-8b.yaml")
+    plan = plan_for(spec, Settings())
+    assert plan.gpu_class.name == "24GB"
+    assert plan.prefer_below_mib == 45000
 
 
 def test_affinity_label_key_is_a_setting() -> None:

@@ -322,17 +322,22 @@ def _pod_spec(
     }
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
-    affinity = node_affinity(gpu, settings.gpu_memory_label)
+    affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
     if affinity:
         pod["affinity"] = {"nodeAffinity": affinity}
     pod["tolerations"] = tolerations(gpu)
     return pod
 
 
-def node_affinity(gpu: GpuClass, memory_label: str) -> dict[str, Any]:
-    """Required node affinity for a GPU class: memory threshold plus the class's node labels.
+def node_affinity(
+    gpu: GpuClass, memory_label: str, prefer_below_mib: int | None = None
+) -> dict[str, Any]:
+    """Node affinity for a GPU class.
 
-    A class with ``gpu_count == 0`` (CPU-only) gets no memory threshold.
+    Required: the memory threshold plus the class's node labels. Preferred (weight 100):
+    memory below the next class's floor, so that when a 24 GB and an 80 GB card are both free
+    the scheduler binds the job to the 24 GB one and keeps the big card for jobs that need it.
+    A class with ``gpu_count == 0`` (CPU-only) gets no memory terms.
     """
     expressions: list[dict[str, Any]] = []
     if gpu.gpu_count > 0:
@@ -344,11 +349,23 @@ def node_affinity(gpu: GpuClass, memory_label: str) -> dict[str, Any]:
     ]
     if not expressions:
         return {}
-    return {
+    affinity: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": expressions}]
         }
     }
+    if gpu.gpu_count > 0 and prefer_below_mib is not None:
+        affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [
+            {
+                "weight": 100,
+                "preference": {
+                    "matchExpressions": [
+                        {"key": memory_label, "operator": "Lt", "values": [str(prefer_below_mib)]}
+                    ]
+                },
+            }
+        ]
+    return affinity
 
 
 def tolerations(gpu: GpuClass) -> list[dict[str, Any]]:

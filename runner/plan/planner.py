@@ -321,4 +321,8 @@ def make_plan(
         tokens_per_second=runtime.tokens_per_second,
         model_config_origin=origin,
         trust_remote_code=spec.spec.model.trust_remote_code,
+        prefer_below_mib=next(
+            (c.min_memory_mib for c in table.classes if c.min_memory_mib > chosen.min_memory_mib),
+            None,
+        ),
     )

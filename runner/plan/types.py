@@ -76,6 +76,9 @@ class Plan:
         tokens_per_second: Throughput assumed for the runtime estimate.
         model_config_origin: Where the model's config.json was found.
         trust_remote_code: The model's own Python code will run in the pod.
+        prefer_below_mib: The next larger class's floor: the renderer adds a *preferred* node
+            affinity ``Lt`` this value, so the scheduler picks the smallest fitting card when
+            larger ones are free too. None when the chosen class is the largest.
     """
 
     spec_hash: str
@@ -95,6 +98,7 @@ class Plan:
     tokens_per_second: float | None = None
     model_config_origin: str = ""
     trust_remote_code: bool = False
+    prefer_below_mib: int | None = None
 
     def to_json(self) -> str:
         """Serialise for ``plan.json`` and ``qlora plan --json``."""
