@@ -285,7 +285,7 @@ def test_bundled_class_table() -> None:
     for card_mib, cls in [(23028, "24GB"), (46068, "48GB"), (81559, "80GB"), (143771, "141GB")]:
         c = table.by_name(cls)
         assert c is not None and card_mib > c.min_memory_mib - 1
-    assert table.usable_bytes(table.classes[0]) == int(22500 * MIB * 0.95)
+    assert table.usable_bytes(table.classes[0]) == int(22500 * MIB * 0.96)
 
 
 def test_class_table_from_settings_file(tmp_path: Path) -> None:
