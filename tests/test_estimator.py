@@ -330,3 +330,26 @@ def test_malformed_config_fields_are_named(field: str, value: Any) -> None:
         cfg[field] = value
     with pytest.raises(SpecError, match=f"config field '{field}'"):
         shape_from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "skipped"),
+    [
+        ("layers.3.mlp.down_proj", "model.layers.3.mlp.down_proj", True),
+        ("layers.3.mlp.down_proj", "language_model.model.layers.3.mlp.down_proj", True),
+        ("layers.3.mlp.down_proj", "model.language_model.layers.3.mlp.down_proj", True),
+        ("layers.3.mlp.down_proj", "layers.3", True),
+        ("layers.3.mlp.down_proj", "down_proj", True),
+        ("layers.13.mlp.down_proj", "model.layers.3.mlp.down_proj", False),
+        ("layers.3.mlp.up_proj", "model.layers.3.mlp.down_proj", False),
+        ("layers.3.self_attn.o_proj", "lm_head", False),
+        ("layers.3.self_attn.o_proj", "vision_tower", False),
+    ],
+    ids=lambda v: str(v),
+)
+def test_dynamic_quant_skip_entries_match_module_names(
+    name: str, entry: str, skipped: bool
+) -> None:
+    from runner.plan.estimator import _is_skipped
+
+    assert _is_skipped(name, (entry,)) is skipped

@@ -434,6 +434,44 @@ def test_runtime_from_a_local_dataset(tmp_path: Path) -> None:
     assert any("1000 rows" in r for r in plan.reasons)
 
 
+@pytest.mark.parametrize(
+    ("files", "dataset", "rows"),
+    [
+        ({"a.jsonl": 10, "b.jsonl": 5}, {}, 15),
+        ({"a.json": 8}, {}, 8),
+        ({"a.jsonl": 100}, {"max_samples": 40}, 40),
+        ({"a.jsonl": 100}, {"eval_fraction": 0.1}, 90),
+        ({"a.parquet": 0}, {}, None),
+    ],
+    ids=["jsonl", "json", "max-samples", "eval-split", "parquet-unknown"],
+)
+def test_local_dataset_rows_are_counted(
+    tmp_path: Path, files: dict[str, int], dataset: dict[str, Any], rows: int | None
+) -> None:
+    from runner.plan.runtime import count_local_dataset
+
+    row = {"prompt": "x " * 40, "completion": "y"}
+    sources = []
+    for name, n in files.items():
+        f = tmp_path / name
+        if name.endswith(".jsonl"):
+            f.write_text("".join(json.dumps(row) + "\n" for _ in range(n)))
+        elif name.endswith(".json"):
+            f.write_text(json.dumps([row] * n))
+        else:
+            f.write_bytes(b"PAR1")
+        sources.append(str(f))
+    spec = validate_document(
+        _doc(dataset={"sources": sources, "format": "prompt-completion", **dataset})
+    )
+    size = count_local_dataset(spec)
+    if rows is None:
+        assert size is None
+    else:
+        assert size is not None and size.rows == rows
+        assert 15 < size.tokens_per_row < 40  # ~100 bytes of JSON per row / 4 bytes per token
+
+
 def test_runtime_unknown_for_remote_data_without_max_steps() -> None:
     plan = _plan()
     assert plan.estimated_runtime_s is None
