@@ -194,9 +194,13 @@ def test_unsloth_offloads_checkpoints_to_host_ram() -> None:
     hf = estimate(shape, _t(micro_batch_size=4, backend="transformers"))
     offload = shape.num_layers * 4 * 2048 * shape.hidden_size * 2
     assert unsloth.host_bytes - hf.host_bytes == pytest.approx(1.25 * offload, abs=1)
-    # HF keeps every layer's input on the GPU instead.
-    hf_ckpt = _term(shape, _t(micro_batch_size=4, backend="transformers"), "checkpoints")
+    # HF keeps every layer's input on the GPU instead: bf16, or fp32 after peft's upcast of
+    # the embeddings (the residual stream follows the embedding dtype).
+    hf = _t(micro_batch_size=4, backend="transformers", hf_upcast_fp32=False)
+    hf_ckpt = _term(shape, hf, "checkpoints")
     assert hf_ckpt == (shape.num_layers + 1) * 4 * 2048 * shape.hidden_size * 2
+    upcast = _term(shape, dataclasses.replace(hf, hf_upcast_fp32=True), "checkpoints")
+    assert upcast == 2 * hf_ckpt
 
 
 def test_hf_logits_scale_with_vocab_and_tokens() -> None:

@@ -107,8 +107,8 @@ CASES = [
         "unsloth",
     ),
     (
-        "8b-hf-32k",
-        {"training": {"backend": "transformers", "max_seq_length": 32768}},
+        "8b-hf-16k",
+        {"training": {"backend": "transformers", "max_seq_length": 16384}},
         "48GB",
         "4bit",
         "transformers",

@@ -187,13 +187,25 @@ def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
     return False
 
 
-def _act_bytes(compute_dtype: str) -> int:
-    return 4 if compute_dtype == "float32" else 2
+def _upcast(t: TrainingShape) -> bool:
+    """peft's fp32 upcast applies: transformers backend, 4-bit base."""
+    return t.backend == "transformers" and t.hf_upcast_fp32 and t.quant_mode != "16bit"
+
+
+def _act_bytes(t: TrainingShape) -> int:
+    """Bytes per activation element.
+
+    With peft's upcast the embeddings are fp32, so the residual stream and every tensor that
+    bitsandbytes casts back to its input dtype are fp32 too; counting all activations at 4 B
+    over-states the autocast bf16 parts (attention, MLP internals), on the safe side: that
+    path is not in the measured grid.
+    """
+    return 4 if t.compute_dtype == "float32" or _upcast(t) else 2
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> float:
     """Bytes one decoder layer saves for backward, per token (the hand count in VRAM.md)."""
-    a = _act_bytes(t.compute_dtype)
+    a = _act_bytes(t)
     h, f, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
     # RMSNorm saves its fp32 input and the normalised tensor (fp32 for Gemma, else compute dtype).
     norm = (8 if shape.fp32_norm else 4 + a) * h
@@ -210,7 +222,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
 
 def _backward_transient_per_token(shape: ModelShape, t: TrainingShape) -> float:
     """Gradient tensors alive while one layer's MLP runs backward."""
-    a = _act_bytes(t.compute_dtype)
+    a = _act_bytes(t)
     return float(a * (3 * shape.intermediate_size + 2 * shape.hidden_size))
 
 
@@ -264,7 +276,7 @@ def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[lis
             f"(nf4{' + double quant' if t.double_quant else ''}, block 64)",
         )
     )
-    upcast = t.backend == "transformers" and t.hf_upcast_fp32
+    upcast = _upcast(t)
     width = 4 if upcast else 2
     n16 = rest + skipped
     what = "embeddings" + ("" if shape.tie_word_embeddings else ", lm_head") + ", norms"
@@ -328,7 +340,7 @@ def estimate(
         raise SpecError(f"spec.quantization.mode: '{t.quant_mode}' must be one of {QUANT_MODES}")
     if t.backend not in BACKENDS:
         raise SpecError(f"spec.training.backend: '{t.backend}' must be one of {BACKENDS}")
-    a = _act_bytes(t.compute_dtype)
+    a = _act_bytes(t)
     tokens = t.tokens
     b, s, h = t.micro_batch_size, t.seq_len, shape.hidden_size
     terms, largest = _weights(shape, t, cal)
