@@ -169,6 +169,35 @@ class RunMetrics:
         )
         self.samples_rate = gauge("train_samples_per_second", "Recent throughput in sequences.")
 
+        # Checkpoints in object storage and resume (runner.train.preemption).
+        self.checkpoint_step = gauge(
+            "checkpoint_last_step", "Optimizer step of the newest committed checkpoint (0: none)."
+        )
+        self.checkpoint_time = gauge(
+            "checkpoint_last_timestamp_seconds", "When the newest checkpoint was committed."
+        )
+        self.checkpoint_failures = counter(
+            "checkpoint_failures", "Checkpoints that could not be committed to storage."
+        )
+        self.resumed_from = gauge(
+            "resumed_from_step", "Step of the checkpoint this run resumed from (0: fresh start)."
+        )
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_committed(self, step: int) -> None:
+        """A checkpoint of ``step`` is committed to storage."""
+        self.checkpoint_step.set(step)
+        self.checkpoint_time.set(self._clock())
+
+    def checkpoint_failed(self) -> None:
+        """A checkpoint could not be committed (training went on)."""
+        self.checkpoint_failures.inc()
+
+    def set_resumed_from(self, step: int) -> None:
+        """The run resumed from a checkpoint of ``step`` (0: it started fresh)."""
+        self.resumed_from.set(step)
+
     # --- identity, plan, phases -------------------------------------------------------------
 
     def set_job(self, job_name: str, *, backend: str, gpu_class: str, quant_mode: str) -> None:

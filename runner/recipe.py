@@ -218,6 +218,7 @@ def _run(
         settings,
     )
     resume = checkpoints.restore_latest(work / "resume")  # newest complete one, else None
+    metrics.metrics.set_resumed_from(resume.checkpoint.step if resume else 0)
     shutil.rmtree(work / "trainer", ignore_errors=True)
     session = backend.load(
         base.path,
@@ -233,6 +234,7 @@ def _run(
         guard,
         every_steps=body.training.checkpoint_every_steps,
         every_minutes=body.training.checkpoint_every_minutes,
+        observer=metrics.metrics,
     )
     with guard.training(), cuda_oom_as_error("training", decided.shape):
         outcome = backend.train(

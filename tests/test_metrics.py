@@ -58,6 +58,10 @@ EXPECTED = {
     "qlora_train_samples_per_second": "gauge",
     "qlora_train_micro_batch_size": "gauge",
     "qlora_train_gradient_accumulation_steps": "gauge",
+    "qlora_checkpoint_last_step": "gauge",
+    "qlora_checkpoint_last_timestamp_seconds": "gauge",
+    "qlora_checkpoint_failures": "counter",
+    "qlora_resumed_from_step": "gauge",
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -258,7 +259,10 @@ def test_no_credential_reaches_logs_objects_or_metrics(
     assert any("/checkpoints/" in k for k in objects) and any("/runs/" in k for k in objects)
     for key in objects:
         produced[f"s3://{s3_bucket.name}/{key}"] = s3_bucket.get(key).decode("latin-1")
-    assert "qlora_" in produced["pushgateway"], "the run must have pushed its metrics"
+    pushed = produced["pushgateway"]
+    assert "qlora_" in pushed, "the run must have pushed its metrics"
+    assert re.search(r"^qlora_checkpoint_last_step\{[^}]*\} 4(\.0)?$", pushed, re.M), pushed
+    assert re.search(r"^qlora_resumed_from_step\{[^}]*\} 0(\.0)?$", pushed, re.M)
     leaks = [(where, n[:6]) for where, text in produced.items() for n in needles if n in text]
     assert not leaks, leaks
 

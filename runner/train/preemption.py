@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from runner.checkpoints import CheckpointStore
 from runner.errors import PreemptedError, StorageError, VerificationError, missing_extra
@@ -127,12 +127,25 @@ class PreemptionGuard:
             raise self.error()
 
 
+class CheckpointObserver(Protocol):
+    """Told about every checkpoint (``runner.metrics.RunMetrics`` is one)."""
+
+    def checkpoint_committed(self, step: int) -> None:
+        """A checkpoint of ``step`` is committed to storage."""
+        ...
+
+    def checkpoint_failed(self) -> None:
+        """A checkpoint could not be committed."""
+        ...
+
+
 def make_checkpoint_callback(
     checkpoints: CheckpointStore,
     guard: PreemptionGuard,
     *,
     every_steps: int | None,
     every_minutes: float | None,
+    observer: CheckpointObserver | None = None,
 ) -> Any:
     """A ``transformers.TrainerCallback`` that checkpoints to ``checkpoints`` (see the module).
 
@@ -141,6 +154,7 @@ def make_checkpoint_callback(
         guard: The run's SIGTERM guard.
         every_steps: ``training.checkpoint_every_steps``.
         every_minutes: ``training.checkpoint_every_minutes``.
+        observer: Told about each commit and failure (metrics).
     """
     try:
         from transformers import TrainerCallback
@@ -180,6 +194,8 @@ def make_checkpoint_callback(
                 checkpoints.save(local, step, {"max_steps": int(state.max_steps or 0)})
             except (StorageError, VerificationError) as e:
                 self.failed_steps.append(step)
+                if observer is not None:
+                    observer.checkpoint_failed()
                 if guard.preempted:
                     raise
                 log.error(
@@ -190,6 +206,8 @@ def make_checkpoint_callback(
                 )
             else:
                 self.committed_steps.append(step)
+                if observer is not None:
+                    observer.checkpoint_committed(step)
                 _drop_older(Path(args.output_dir), step)
             if guard.preempted:
                 waited = guard.seconds_since_signal()
