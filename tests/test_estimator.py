@@ -193,7 +193,7 @@ def test_unsloth_offloads_checkpoints_to_host_ram() -> None:
     unsloth = estimate(shape, _t(micro_batch_size=4))
     hf = estimate(shape, _t(micro_batch_size=4, backend="transformers"))
     offload = shape.num_layers * 4 * 2048 * shape.hidden_size * 2
-    assert unsloth.host_bytes - hf.host_bytes == pytest.approx(1.25 * offload, abs=1)
+    assert unsloth.host_bytes - hf.host_bytes == pytest.approx(2 * offload, abs=1)
     # HF keeps every layer's input on the GPU instead: bf16, or fp32 after peft's upcast of
     # the embeddings (the residual stream follows the embedding dtype).
     hf = _t(micro_batch_size=4, backend="transformers", hf_upcast_fp32=False)

@@ -118,6 +118,20 @@ def test_every_measured_point_is_within_bounds() -> None:
     assert not bad, "out of bounds (+10 % / -5 %):\n" + "\n".join(bad)
 
 
+def test_host_memory_request_covers_the_measured_rss() -> None:
+    short = []
+    for rec in RECORDS:
+        rss = rec.get("host_rss_bytes")
+        if rec.get("oom") or not rss:
+            continue
+        host = estimate(_shape(rec), _training(rec)).host_bytes
+        if host < int(rss):
+            short.append(
+                f"{_label(rec)}: RSS {int(rss) / 2**30:.1f} GiB, request {host / 2**30:.1f}"
+            )
+    assert not short, "pod memory request below the measured host RSS:\n" + "\n".join(short)
+
+
 def test_out_of_memory_points_are_not_planned_as_fitting() -> None:
     card = _card_bytes()
     ooms = [r for r in RECORDS if r.get("oom")]
