@@ -55,6 +55,7 @@ def _no_hf_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.delenv("QLORA_GPU_CLASSES_FILE", raising=False)
     for key in list(os.environ):
         if key.startswith(("AWS_", "QLORA_S3_")):

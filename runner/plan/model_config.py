@@ -78,6 +78,8 @@ def hf_cache_dirs() -> list[Path]:
         dirs.append(Path(os.environ["HF_HUB_CACHE"]))
     if os.environ.get("HF_HOME"):
         dirs.append(Path(os.environ["HF_HOME"]) / "hub")
+    if os.environ.get("XDG_CACHE_HOME"):
+        dirs.append(Path(os.environ["XDG_CACHE_HOME"]) / "huggingface" / "hub")
     dirs.append(Path.home() / ".cache" / "huggingface" / "hub")
     return dirs
 
