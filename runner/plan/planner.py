@@ -42,6 +42,10 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 10**8 else f"{n / 1e6:.2f} M"
+
+
 def training_shape(
     spec: JobSpec,
     quant_mode: str,
@@ -201,7 +205,7 @@ def make_plan(
     tr = spec.spec.training
     backend = "unsloth" if tr.backend == "auto" else str(tr.backend)
     reasons = [
-        f"model: {shape.model_type}, {shape.total_params / 1e9:.2f} B params, "
+        f"model: {shape.model_type}, {_count(shape.total_params)} params, "
         f"{shape.num_layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size} "
         f"(config: {origin})",
         f"backend {backend}: "
