@@ -122,10 +122,11 @@ def test_sigterm_checkpoints_and_resume_continues_the_loss_curve(
     curve = losses(resumed)
     # Steps before the preemption are the same computation as the baseline's.
     assert curve[:PREEMPT_AT] == pytest.approx(baseline[:PREEMPT_AT], abs=1e-6)
-    # After it: no jump beyond noise. The noise scale is the baseline's own step-to-step move.
+    # After it: no jump beyond noise. The noise scale is the baseline's own step-to-step move
+    # (~1.0 here); measured deviation ~4e-4 (float32 LoRA after the reload vs bfloat16).
     noise = max(abs(a - b) for a, b in zip(baseline[1:], baseline[:-1], strict=False))
     after = [abs(c - b) for c, b in zip(curve[PREEMPT_AT:], baseline[PREEMPT_AT:], strict=True)]
-    assert max(after) < 0.25 * noise, (after, noise)
+    assert max(after) < 0.05 * noise, (after, noise)
     # Published, and only the newest checkpoint is kept.
     assert (Path(resumed.manifest_uri.removeprefix("file://"))).is_file()
     assert sorted(checkpoint_dirs(store)) == [STEPS]
@@ -209,4 +210,4 @@ def test_replanned_batch_shape_resumes_from_the_checkpoint(
     curve = losses(resumed)
     noise = max(abs(a - b) for a, b in zip(baseline[1:], baseline[:-1], strict=False))
     after = [abs(c - b) for c, b in zip(curve[PREEMPT_AT:], baseline[PREEMPT_AT:], strict=True)]
-    assert max(after) < 0.25 * noise, (after, noise)
+    assert max(after) < 0.05 * noise, (after, noise)
