@@ -46,6 +46,7 @@ class JobMetrics:
         self.settings = settings
         self.metrics = metrics if metrics is not None else RunMetrics()
         self.metrics.start()
+        self.metrics.attempt.set(settings.attempt)
         self.job: str | None = None
         self.run_id: str | None = None
         self.server: MetricsServer | None = None

@@ -115,6 +115,9 @@ class RunMetrics:
         self.exit_code = gauge(
             "job_exit_code", "Process exit code once the job ended (0 success; see the README)."
         )
+        self.attempt = gauge(
+            "job_attempt", "Out-of-memory re-plan attempt this pod runs (0 for the first try)."
+        )
         for p in Phase:
             self.phase.labels(phase=p.value).set(0)
             self.phase_seconds.labels(phase=p.value).set(0)

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     storage_retries: int = Field(
         5, ge=0, le=20, description="Retries (with backoff) for a failing storage call."
     )
+    attempt: int = Field(
+        0,
+        ge=0,
+        description="Out-of-memory re-plan attempt of this pod (0 first); rendered Jobs set it "
+        "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
+    )
 
 
 def load_settings() -> Settings:

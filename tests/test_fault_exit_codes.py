@@ -115,3 +115,45 @@ def test_pod_failure_policy_matches_the_failure_classes() -> None:
 
 def test_grace_period_matches_the_rendered_job() -> None:
     assert DEFAULT_POLICY.termination_grace_s == GRACE_PERIOD_S
+
+
+def test_every_replan_attempt_is_visible_in_the_pods_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rendered Job of re-plan N labels its pod ``attempt=N`` and hands the label to the
+    runner (downward API), which exports it as ``qlora_job_attempt``."""
+    from runner.job_metrics import JobMetrics
+    from runner.k8s import names
+    from runner.k8s.manifests import render_objects
+    from runner.plan.types import GpuClass, Plan
+    from runner.settings import Settings
+    from runner.spec import load_spec_text, spec_hash
+
+    spec = load_spec_text(
+        "apiVersion: qlora-runner.io/v1alpha1\nkind: FineTuneJob\nmetadata: {name: oom}\n"
+        "spec:\n  model: {source: /models/m}\n  dataset: {sources: [/data/d.jsonl]}\n"
+        "  output: {uri: file:///data/out}\n"
+    )
+    plan = Plan(
+        spec_hash=spec_hash(spec),
+        gpu_class=GpuClass("24GB", 22500),
+        backend="unsloth",
+        quant_mode="4bit",
+        micro_batch_size=2,
+        gradient_accumulation_steps=8,
+        vram_terms=(),
+        vram_estimate_bytes=1,
+        host_memory_bytes=1 << 30,
+        cpu_cores=4,
+        tokens_per_step=1,
+    )
+    job = next(o for o in render_objects(spec, plan, Settings(), attempt=2) if o["kind"] == "Job")
+    template = job["spec"]["template"]
+    assert template["metadata"]["labels"][names.LABEL_ATTEMPT] == "2"
+    env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+    field = env["QLORA_ATTEMPT"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == f"metadata.labels['{names.LABEL_ATTEMPT}']"
+
+    monkeypatch.setenv("QLORA_ATTEMPT", "2")  # what the kubelet resolves that field to
+    metrics = JobMetrics(Settings())
+    assert metrics.metrics.value("qlora_job_attempt") == 2

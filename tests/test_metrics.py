@@ -36,6 +36,7 @@ EXPECTED = {
     "qlora_job_start_timestamp_seconds": "gauge",
     "qlora_job_end_timestamp_seconds": "gauge",
     "qlora_job_exit_code": "gauge",
+    "qlora_job_attempt": "gauge",
     "qlora_vram_estimate_bytes": "gauge",
     "qlora_vram_usable_bytes": "gauge",
     "qlora_gpu_memory_allocated_bytes": "gauge",

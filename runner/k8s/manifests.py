@@ -458,6 +458,9 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
             }
             for key in (S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY)
         ]
+    # The re-plan attempt from the pod's own label, so the runner's metrics show every retry.
+    label = f"metadata.labels['{names.LABEL_ATTEMPT}']"
+    env.append({"name": "QLORA_ATTEMPT", "valueFrom": {"fieldRef": {"fieldPath": label}}})
     return env
 
 
