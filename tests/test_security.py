@@ -123,13 +123,12 @@ _segment = st.text(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=st.lists(_segment, min_size=0, max_size=4))
-def test_checkpoint_keys_stay_under_the_output_prefix(
-    prefix: list[str], tmp_path_factory: Any
-) -> None:
+def test_checkpoint_keys_stay_under_the_output_prefix(prefix: list[str]) -> None:
     """Whatever output prefix a spec names, every accepted one keeps checkpoint keys (and so
-    ``file://`` paths) inside ``<output>/checkpoints/<spec hash>/``; the rest are refused."""
+    ``file://`` paths) inside ``<output>/checkpoints/<training hash>/``; the rest are refused.
+    (Each example opens a real S3 client, hence fewer examples than the pure key tests.)"""
     from runner.settings import Settings
 
     uri = "s3://bucket/" + "/".join(prefix)
