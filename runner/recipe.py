@@ -21,7 +21,6 @@ and the storage client are only reached through :mod:`runner.train` and :mod:`ru
 
 from __future__ import annotations
 
-import gc
 import logging
 import platform
 import shutil
@@ -143,7 +142,7 @@ def _run(
     from runner.checkpoints import CheckpointStore, checkpoint_identity
     from runner.publish import new_run_id, publish_adapter
     from runner.train import select_backend
-    from runner.train.backend import cuda_available, cuda_bf16_supported
+    from runner.train.backend import cuda_available, cuda_bf16_supported, release_device_memory
     from runner.train.dataset import load_rows
     from runner.train.formatting import format_rows, resolve_chat_template
     from runner.train.model_files import load_tokenizer, resolve_model
@@ -270,7 +269,7 @@ def _run(
     backend.save_adapter(session, adapter_dir)
     notes = list(session.notes)
     del session
-    gc.collect()
+    release_device_memory()
     reloaded = backend.load_for_verification(
         base.path,
         adapter_dir,
@@ -279,7 +278,7 @@ def _run(
     )
     reload_report = check_reloaded(reloaded, adapter_dir, train)
     del reloaded
-    gc.collect()
+    release_device_memory()
     log.info(
         "adapter verified: %d LoRA tensors changed; reloaded logits differ from the base by "
         "up to %.3g (threshold %g)",
