@@ -17,12 +17,12 @@ from runner.errors import ExitCode, RunnerError
 
 # Each module exposes register(subparsers); order is the order shown in --help.
 COMMAND_MODULES: tuple[str, ...] = (
-    "runner.commands.spec_cmds",
-    "runner.commands.run_cmd",
-    "runner.commands.verify_cmd",
-    "runner.commands.render_cmd",
-    "runner.commands.kube_cmds",
-    "runner.commands.plan_cmd",
+    "runner.commands.spec_cmds",  # validate, schema
+    "runner.commands.plan_cmd",  # plan
+    "runner.commands.render_cmd",  # render
+    "runner.commands.run_cmd",  # run (the container entrypoint)
+    "runner.commands.verify_cmd",  # verify
+    "runner.commands.kube_cmds",  # submit, status, logs, cancel, operator
 )
 
 EPILOG = """exit codes:
