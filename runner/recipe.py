@@ -270,13 +270,14 @@ def _run(
     notes = list(session.notes)
     del session
     release_device_memory()
-    reloaded = backend.load_for_verification(
-        base.path,
-        adapter_dir,
-        decided.precision,
-        trust_remote_code=body.model.trust_remote_code,
-    )
-    reload_report = check_reloaded(reloaded, adapter_dir, train)
+    with cuda_oom_as_error("verification"):
+        reloaded = backend.load_for_verification(
+            base.path,
+            adapter_dir,
+            decided.precision,
+            trust_remote_code=body.model.trust_remote_code,
+        )
+        reload_report = check_reloaded(reloaded, adapter_dir, train)
     del reloaded
     release_device_memory()
     log.info(
