@@ -22,7 +22,9 @@ from tests.fixtures.prometheus import PrometheusServer, Pushgateway, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
-STEPS = 60
+# Long enough that Prometheus (1 s scrapes, which start a few seconds after the target appears)
+# sees the step advance while the job runs, even on an idle machine (~6 steps/s on the CPU).
+STEPS = 300
 
 
 def write_spec(tmp_path: Path, model: Path, data: Path, port: int, gateway: str) -> Path:
@@ -89,6 +91,12 @@ def test_prometheus_scrapes_a_cpu_run_and_the_pushgateway_keeps_its_end(
             timeout_s=200,
         )
         assert seen, "the job ended before Prometheus scraped a training step"
+        advanced = prom.wait_for(
+            'changes(qlora_train_step{job="trainer"}[5m]) > 0',
+            lambda r: proc.poll() is not None or bool(r),
+            timeout_s=200,
+        )
+        assert advanced, "the job ended before Prometheus saw its step advance"
         assert proc.poll() is None
     finally:
         code, out = wait(proc)
