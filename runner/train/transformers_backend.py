@@ -11,8 +11,6 @@ labels.
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
-from runner.train.preemption import checkpoint_is_final
+from runner.train.sft_loop import run_trainer, save_adapter_files
 
 log = logging.getLogger(__name__)
 
@@ -238,40 +236,11 @@ class TransformersBackend:
         )
         # Progress is logged as structured records (runner.train.progress), not printed.
         trainer.remove_callback(PrinterCallback)
-        started = time.monotonic()
-        if resume_from is not None and checkpoint_is_final(resume_from):
-            # Nothing left to train: transformers would still run one more step (its epoch
-            # loop checks max_steps only after a step), so load the weights and state instead.
-            from transformers import TrainerState
-
-            trainer._load_from_checkpoint(str(resume_from))
-            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
-        else:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        runtime = time.monotonic() - started
-        eval_loss: float | None = None
-        if eval_data:
-            metrics = trainer.evaluate()
-            value = metrics.get("eval_loss")
-            eval_loss = float(value) if value is not None and math.isfinite(value) else None
-        losses = tuple(
-            float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
-        )
-        return TrainOutcome(
-            steps=int(trainer.state.global_step),
-            losses=losses,
-            runtime_s=runtime,
-            train_tokens=int(trainer.state.num_input_tokens_seen or 0),
-            eval_loss=eval_loss,
-            optimizer=optim,
-        )
+        return run_trainer(trainer, eval_data, resume_from, optim)
 
     def save_adapter(self, session: ModelSession, dest: Path) -> list[Path]:
-        """Write the adapter and tokenizer files into ``dest``."""
-        dest.mkdir(parents=True, exist_ok=True)
-        session.model.save_pretrained(str(dest), safe_serialization=True)
-        session.tokenizer.save_pretrained(str(dest))
-        return sorted(p for p in dest.rglob("*") if p.is_file())
+        """Write the adapter (plain peft format) and the tokenizer files into ``dest``."""
+        return save_adapter_files(session, dest)
 
     def load_for_verification(
         self,

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
+from runner.train.sft_loop import run_trainer, save_adapter_files
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,6 @@ class UnslothBackend:
         from transformers import PrinterCallback
         from trl import SFTConfig, SFTTrainer
 
-        from runner.train.preemption import checkpoint_is_final
         from runner.train.transformers_backend import quiet_progress_bars
 
         quiet_progress_bars()
@@ -246,38 +244,11 @@ class UnslothBackend:
         if shape.completion_only_loss:
             counts = check_completion_masking(trainer, train, shape.micro_batch_size)
             log.info("completion-only loss checked on the collated batch", extra=counts)
-        started = time.monotonic()
-        if resume_from is not None and checkpoint_is_final(resume_from):
-            # Nothing left to train (see TransformersBackend.train): load, do not step again.
-            from transformers import TrainerState
-
-            trainer._load_from_checkpoint(str(resume_from))
-            trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
-        else:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        runtime = time.monotonic() - started
-        eval_loss: float | None = None
-        if eval_data:
-            value = trainer.evaluate().get("eval_loss")
-            eval_loss = float(value) if value is not None and math.isfinite(value) else None
-        losses = tuple(
-            float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry
-        )
-        return TrainOutcome(
-            steps=int(trainer.state.global_step),
-            losses=losses,
-            runtime_s=runtime,
-            train_tokens=int(trainer.state.num_input_tokens_seen or 0),
-            eval_loss=eval_loss,
-            optimizer=shape.optimizer,
-        )
+        return run_trainer(trainer, eval_data, resume_from, shape.optimizer)
 
     def save_adapter(self, session: ModelSession, dest: Path) -> list[Path]:
         """Write the adapter (plain peft format) and the tokenizer files into ``dest``."""
-        dest.mkdir(parents=True, exist_ok=True)
-        session.model.save_pretrained(str(dest), safe_serialization=True)
-        session.tokenizer.save_pretrained(str(dest))
-        return sorted(p for p in dest.rglob("*") if p.is_file())
+        return save_adapter_files(session, dest)
 
     def load_for_verification(
         self,
