@@ -5,8 +5,6 @@ and the rendered Job's ``podFailurePolicy`` maps those codes as documented."""
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +23,6 @@ from runner.errors import (
 from runner.k8s.manifests import DEFAULT_POLICY, FAIL_JOB_EXIT_CODES, IGNORE_EXIT_CODES
 from runner.k8s.status import parse_termination_message
 from runner.train.preemption import GRACE_PERIOD_S
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(
