@@ -13,8 +13,62 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.train.backend import ModelSession, TokenizedExample, TrainOutcome
+from runner.train.backend import BatchShape, ModelSession, TokenizedExample, TrainOutcome
 from runner.train.preemption import checkpoint_is_final
+
+
+def sft_args(
+    shape: BatchShape, output_dir: Path, *, optim: str, bf16: bool, fp16: bool
+) -> dict[str, Any]:
+    """The ``SFTConfig`` keyword arguments both backends share, from the planned batch shape.
+
+    Args:
+        shape: Batch shape and schedule.
+        output_dir: The trainer's scratch directory (checkpoints are committed from there).
+        optim: The optimizer the backend can actually run (the CPU cannot run 8-bit AdamW).
+        bf16: Train in bfloat16 autocast.
+        fp16: Train in float16 autocast.
+    """
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": shape.micro_batch_size,
+        "per_device_eval_batch_size": shape.micro_batch_size,
+        "gradient_accumulation_steps": shape.gradient_accumulation_steps,
+        "num_train_epochs": shape.epochs,
+        "max_steps": shape.max_steps if shape.max_steps is not None else -1,
+        "learning_rate": shape.learning_rate,
+        "lr_scheduler_type": shape.lr_scheduler,
+        "warmup_steps": shape.warmup_ratio,  # transformers 5: a value below 1 is a ratio
+        "weight_decay": shape.weight_decay,
+        "max_grad_norm": shape.max_grad_norm,
+        "optim": optim,
+        "seed": shape.seed,
+        "data_seed": shape.seed,
+        "gradient_checkpointing": shape.gradient_checkpointing,
+        "logging_steps": shape.logging_steps,
+        "save_strategy": "steps" if shape.checkpoint_every_steps else "no",
+        "save_steps": shape.checkpoint_every_steps or 500,
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "bf16": bf16,
+        "fp16": fp16,
+        "max_length": shape.max_seq_length,
+        "completion_only_loss": shape.completion_only_loss,
+        "packing": shape.packing,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+    }
+
+
+def to_dataset(dataset_cls: Any, examples: Sequence[TokenizedExample]) -> Any:
+    """Pre-tokenized rows as a ``datasets.Dataset`` with the columns TRL reads."""
+    return dataset_cls.from_dict(
+        {
+            "input_ids": [list(e.input_ids) for e in examples],
+            "completion_mask": [list(e.completion_mask) for e in examples],
+        }
+    )
 
 
 def run_trainer(

@@ -24,7 +24,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
-from runner.train.sft_loop import run_trainer, save_adapter_files
+from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, to_dataset
 
 log = logging.getLogger(__name__)
 
@@ -195,42 +195,21 @@ class TransformersBackend:
         optim = self._optimizer(shape.optimizer, session.notes)
         dtype = session.precision.compute_dtype
         config = SFTConfig(
-            output_dir=str(output_dir),
-            per_device_train_batch_size=shape.micro_batch_size,
-            per_device_eval_batch_size=shape.micro_batch_size,
-            gradient_accumulation_steps=shape.gradient_accumulation_steps,
-            num_train_epochs=shape.epochs,
-            max_steps=shape.max_steps if shape.max_steps is not None else -1,
-            learning_rate=shape.learning_rate,
-            lr_scheduler_type=shape.lr_scheduler,
-            warmup_steps=shape.warmup_ratio,
-            weight_decay=shape.weight_decay,
-            max_grad_norm=shape.max_grad_norm,
-            optim=optim,
-            seed=shape.seed,
-            data_seed=shape.seed,
-            gradient_checkpointing=shape.gradient_checkpointing,
-            logging_steps=shape.logging_steps,
-            save_strategy="steps" if shape.checkpoint_every_steps else "no",
-            save_steps=shape.checkpoint_every_steps or 500,
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
+            **sft_args(
+                shape,
+                output_dir,
+                optim=optim,
+                bf16=cuda and dtype == "bfloat16",
+                fp16=cuda and dtype == "float16",
+            ),
             use_cpu=not cuda,
-            bf16=cuda and dtype == "bfloat16",
-            fp16=cuda and dtype == "float16",
-            max_length=shape.max_seq_length,
-            completion_only_loss=shape.completion_only_loss,
-            packing=shape.packing,
-            include_num_input_tokens_seen="non_padding",
-            dataloader_num_workers=0,
         )
         trainer_cls = SFTTrainer if cuda else _cpu_trainer_class(SFTTrainer)
         trainer = trainer_cls(
             model=session.model,
             args=config,
-            train_dataset=_to_dataset(Dataset, train),
-            eval_dataset=_to_dataset(Dataset, eval_data) if eval_data else None,
+            train_dataset=to_dataset(Dataset, train),
+            eval_dataset=to_dataset(Dataset, eval_data) if eval_data else None,
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )
@@ -290,12 +269,3 @@ def _cpu_trainer_class(sft_trainer: Any) -> Any:
             )
 
     return CpuSFTTrainer
-
-
-def _to_dataset(dataset_cls: Any, examples: Sequence[TokenizedExample]) -> Any:
-    return dataset_cls.from_dict(
-        {
-            "input_ids": [list(e.input_ids) for e in examples],
-            "completion_mask": [list(e.completion_mask) for e in examples],
-        }
-    )
