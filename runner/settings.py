@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from runner.errors import SpecError
 
 
 class Settings(BaseSettings):
@@ -27,7 +29,7 @@ class Settings(BaseSettings):
     image_pull_secrets: list[str] = Field(
         default_factory=list,
         description="Secrets for pulling the runner image in training pods; in the "
-        'environment a JSON list, e.g. QLORA_IMAGE_PULL_SECRETS=\'["registry-pull"]\'.',
+        "environment a JSON list, e.g. QLORA_IMAGE_PULL_SECRETS='[\"registry-pull\"]'.",
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://seaweedfs.storage:8333."
@@ -69,5 +71,17 @@ class Settings(BaseSettings):
 
 
 def load_settings() -> Settings:
-    """Settings from the environment."""
-    return Settings()
+    """Settings from the environment.
+
+    Raises:
+        SpecError: a ``QLORA_*`` variable holds an invalid value (exit code 2), one
+            ``QLORA_NAME: message`` line per variable.
+    """
+    try:
+        return Settings()
+    except ValidationError as e:
+        lines = [
+            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in e.errors(include_url=False)
+        ]
+        raise SpecError("invalid settings in the QLORA_* environment", lines) from e

@@ -13,13 +13,11 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
 from runner.errors import ExitCode, SpecError
+from runner.settings import load_settings
 
 if TYPE_CHECKING:
     from runner.k8s.client import KubeClient
-    from runner.settings import Settings
 
 _EXIT_CODES = (
     "exit codes: 0 ok | 2 invalid spec | 3 fits no GPU class (nothing created) | "
@@ -101,17 +99,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_operator)
 
 
-def _settings() -> Settings:
-    from runner.settings import load_settings
-
-    try:
-        return load_settings()
-    except ValidationError as e:
-        lines = [
-            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in e.errors(include_url=False)
-        ]
-        raise SpecError("invalid settings in the QLORA_* environment", lines) from e
 
 
 def _client(args: argparse.Namespace) -> KubeClient:
@@ -132,7 +119,7 @@ def _submit(args: argparse.Namespace) -> int:
     if args.max_replans < 0:
         raise SpecError(f"--max-replans: must be 0 or more, got {args.max_replans}")
     spec = load_spec(args.file)
-    settings = _settings()
+    settings = load_settings()
     plan = make_plan(spec, settings)  # refuses a spec that fits nothing: no API call yet
     print(
         f"plan: {plan.gpu_class.name}, {plan.quant_mode}, micro batch {plan.micro_batch_size} "
@@ -159,7 +146,7 @@ def _status(args: argparse.Namespace) -> int:
     from runner.k8s import names
     from runner.k8s.submitter import Submitter
 
-    settings = _settings()
+    settings = load_settings()
     ns = args.namespace or settings.namespace
     submitter = Submitter(_client(args), settings)
     ftj = submitter.finetunejob(args.name, ns)
@@ -186,7 +173,7 @@ def _status(args: argparse.Namespace) -> int:
 def _logs(args: argparse.Namespace) -> int:
     from runner.k8s.submitter import Submitter
 
-    settings = _settings()
+    settings = load_settings()
     Submitter(_client(args), settings).logs(
         args.name, args.namespace or settings.namespace, follow=args.follow, out=sys.stdout
     )
@@ -196,7 +183,7 @@ def _logs(args: argparse.Namespace) -> int:
 def _cancel(args: argparse.Namespace) -> int:
     from runner.k8s.submitter import Submitter
 
-    settings = _settings()
+    settings = load_settings()
     for what in Submitter(_client(args), settings).cancel(
         args.name, args.namespace or settings.namespace
     ):
@@ -207,7 +194,7 @@ def _cancel(args: argparse.Namespace) -> int:
 def _operator(args: argparse.Namespace) -> int:
     from runner.k8s.operator import Operator
 
-    settings = _settings()
+    settings = load_settings()
     namespace = None if args.all_namespaces else (args.namespace or settings.namespace)
     op = Operator(_client(args), settings, namespace=namespace, resync_s=args.resync)
     if args.once:

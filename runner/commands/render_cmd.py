@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from runner.errors import ExitCode, PlanError, SpecError
 from runner.k8s import crd_yaml, render_objects
 from runner.k8s.manifests import to_yaml
 from runner.k8s.names import is_dns1123_label
 from runner.plan import Plan, bundled_config, make_plan
 from runner.plan.model_config import bundled_shapes
-from runner.settings import Settings, load_settings
+from runner.settings import load_settings
 from runner.spec import load_spec, spec_hash
 
 
@@ -72,7 +70,7 @@ def _render(args: argparse.Namespace) -> int:
         if value is not None and not is_dns1123_label(value):
             raise SpecError(f"{flag}: '{value}' is not a DNS-1123 label (a-z 0-9 -, <= 63)")
     spec = load_spec(args.file)
-    settings = _settings()
+    settings = load_settings()
     if args.plan:
         plan = _load_plan(args.plan)
         if plan.spec_hash != spec_hash(spec):
@@ -88,15 +86,6 @@ def _render(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ValidationError as e:
-        lines = [
-            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-            for err in e.errors(include_url=False)
-        ]
-        raise SpecError("invalid settings in the QLORA_* environment", lines) from e
 
 
 def _load_plan(path: str) -> Plan:
