@@ -86,6 +86,8 @@ def run_trainer(
         optimizer: The optimizer actually used (for the manifest).
     """
     started = time.monotonic()
+    if resume_from is not None:
+        _keep_trainable_dtypes_on_load(trainer)
     if resume_from is not None and checkpoint_is_final(resume_from):
         # Nothing left to train: transformers would still run one more step (its epoch loop
         # checks max_steps only after a step), so load the weights and state instead.
@@ -109,6 +111,34 @@ def run_trainer(
         eval_loss=eval_loss,
         optimizer=optimizer,
     )
+
+
+def _keep_trainable_dtypes_on_load(trainer: Any) -> None:
+    """Make the trainer's checkpoint load leave the trainable weights in their dtype.
+
+    A resumed run loads the checkpoint's adapter with ``PeftModel.load_adapter``, whose
+    default ``autocast_adapter_dtype=True`` upcasts bfloat16/float16 LoRA weights to
+    float32. A fresh run trains them in the dtype the trainer set when it was built (TRL's
+    ``SFTTrainer`` casts the LoRA weights of a 4-bit model to bfloat16, as in the QLoRA
+    paper), so without this the steps after a resume would run in another dtype than the
+    same steps of an uninterrupted run, and the published adapter would be float32 instead
+    of bfloat16. The cast back happens inside the load, before the trainer builds its
+    optimizer, so the optimizer and its restored state see the same parameters (and dtypes)
+    as in the run that wrote the checkpoint.
+    """
+    load = trainer._load_from_checkpoint
+    model = trainer.model
+
+    def load_keeping_dtypes(resume_from_checkpoint: str, *args: Any, **kwargs: Any) -> Any:
+        dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+        result = load(resume_from_checkpoint, *args, **kwargs)
+        for name, param in model.named_parameters():
+            wanted = dtypes.get(name)
+            if wanted is not None and param.dtype != wanted:
+                param.data = param.data.to(wanted)
+        return result
+
+    trainer._load_from_checkpoint = load_keeping_dtypes
 
 
 def save_adapter_files(session: ModelSession, dest: Path) -> list[Path]:
