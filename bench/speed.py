@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,22 @@ class GpuPeak:
         self._t.join()
 
 
+def start_profiler(pid: int, out: Path, seconds: int = 5) -> None:
+    """Sample ``pid``'s Python stacks for a few seconds with py-spy, if it is installed.
+
+    py-spy reads the process from outside (no pause with ``--nonblocking``) and writes
+    collapsed stacks, one ``frame;frame;... count`` line each, with idle frames left out.
+    """
+    exe = shutil.which("py-spy")
+    if exe is None:
+        return
+    subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
+         "--format", "raw", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
 # ----------------------------------------------------------------------------- bare scripts
 
 
@@ -137,8 +154,15 @@ def run_bare(ns: argparse.Namespace) -> int:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+            if int(state.global_step) == ns.warm and ns.profile:
+                start_profiler(os.getpid(), Path(ns.profile))
 
     timer = StepTimer()
+    if ns.completion_mask:
+        # As ``qlora run`` hands rows to TRL: a completion_mask column (all ones here).
+        data = Dataset.from_dict(
+            {"input_ids": ids, "completion_mask": [[1] * len(r) for r in ids]}
+        )
     cfg: dict[str, Any] = dict(
         output_dir=tempfile.mkdtemp(),
         per_device_train_batch_size=ns.mb,
@@ -164,6 +188,12 @@ def run_bare(ns: argparse.Namespace) -> int:
     if ns.backend == "hf":
         cfg["gradient_checkpointing"] = True
         cfg["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if ns.sft_gc:
+        # What the runner's Unsloth backend passed until this comparison: Trainer then also
+        # calls gradient_checkpointing_enable() on the Unsloth model.
+        cfg["gradient_checkpointing"] = True
+    if ns.completion_mask:
+        cfg["completion_only_loss"] = True
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(**cfg),
@@ -178,7 +208,9 @@ def run_bare(ns: argparse.Namespace) -> int:
     runtime = time.perf_counter() - started
     tokens = int(trainer.state.num_input_tokens_seen or 0)
     steady = _steady(timer.marks, ns.warm)
+    times = [t for t, _ in timer.marks]
     result = {
+        "step_times_s": [round(b - a, 4) for a, b in zip(times, times[1:], strict=False)],
         "load_s": load_s,
         "train_runtime_s": runtime,
         "train_tokens": tokens,
@@ -269,7 +301,7 @@ def _values(text: str) -> dict[str, float]:
 
 def run_qlora(ns: argparse.Namespace, name: str, model: Path, data: Path, work: Path,
               mb: int | str, accum: int | str, steps: int, plan: dict[str, Any] | None,
-              scrape_file: Path | None) -> dict[str, Any]:
+              scrape_file: Path | None, profile: Path | None = None) -> dict[str, Any]:
     """Run ``python -m runner run`` and watch its /metrics; return the numbers."""
     spec_dir = work / name
     spec_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +320,7 @@ def run_qlora(ns: argparse.Namespace, name: str, model: Path, data: Path, work: 
     log_path = work / f"{name}.log"
     series: list[tuple[float, float, float]] = []  # (time, step, tokens_total)
     peaks: dict[str, float] = {}
-    kept = False
+    kept = profiled = False
     with log_path.open("w") as log, GpuPeak() as gpu:
         proc = subprocess.Popen(
             [sys.executable, "-m", "runner", "run", "--spec", str(spec_dir / "job.yaml")],
@@ -312,7 +344,10 @@ def run_qlora(ns: argparse.Namespace, name: str, model: Path, data: Path, work: 
                     )
                     scrape_file.write_text(curl.stdout or curl.stderr)
                     kept = True
-            time.sleep(0.1)
+                if profile and not profiled and step >= ns.warm:
+                    start_profiler(proc.pid, profile)
+                    profiled = True
+            time.sleep(ns.scrape_interval)
     result: dict[str, Any] = {"exit_code": proc.returncode, "gpu_peak_used_mib": gpu.peak_mib,
                               **peaks}
     manifest: dict[str, Any] | None = None
@@ -346,17 +381,37 @@ def run_qlora(ns: argparse.Namespace, name: str, model: Path, data: Path, work: 
                 manifest["verification"]["reload"]["max_abs_logit_diff"],
             "manifest_files": [f["path"] for f in manifest["files"]],
         }
-    # Steady state from the scraped counter: first sample at step >= warm to the last step.
-    firsts: dict[int, tuple[float, float]] = {}
-    for t, step, tokens in series:
-        firsts.setdefault(int(step), (t, tokens))
-    warm = ns.warm
-    if warm in firsts and steps in firsts:
-        (t0, k0), (t1, k1) = firsts[warm], firsts[steps]
+    # Steady state from the run's own per-step log records (millisecond timestamps, written
+    # by the progress callback at every logging step): end of step ``warm`` to the last step.
+    marks = log_marks(log_path)
+    if ns.warm in marks and steps in marks:
+        (t0, k0), (t1, k1) = marks[ns.warm], marks[steps]
         result["steady_tokens_per_s"] = (k1 - k0) / (t1 - t0) if t1 > t0 else None
-        result["steady_resolution_s"] = 0.1
+        result["steady_source"] = "log records (ms timestamps)"
+        result["step_times_s"] = [
+            round(marks[i + 1][0] - marks[i][0], 4) for i in sorted(marks) if i + 1 in marks
+        ]
     result["scrapes"] = len(series)
+    result["scrape_interval_s"] = ns.scrape_interval
     return result
+
+
+def log_marks(log_path: Path) -> dict[int, tuple[float, int]]:
+    """``{step: (epoch seconds, tokens seen)}`` from the JSON progress records of a run log."""
+    from datetime import datetime
+
+    marks: dict[int, tuple[float, int]] = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if "step" in rec and "tokens_seen" in rec and "ts" in rec:
+            when = datetime.strptime(rec["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+            marks[int(rec["step"])] = (when, int(rec["tokens_seen"]))
+    return marks
 
 
 # ----------------------------------------------------------------------------- driver
@@ -371,7 +426,7 @@ def run_driver(ns: argparse.Namespace) -> int:
     (out / "env.json").write_text(json.dumps(env, indent=2))
     deadline = time.time() + ns.budget_s
     results = out / "results.jsonl"
-    for shape in ns.shape:
+    for shape in [] if ns.planner_only else ns.shape:
         subprocess.run([sys.executable, str(HERE / "random_models.py"), str(models), shape],
                        check=True, env=os.environ | OFFLINE_ENV)
         mdir = models / shape
@@ -380,28 +435,54 @@ def run_driver(ns: argparse.Namespace) -> int:
         steps = ns.steps_by_shape.get(shape, ns.steps)
         data = work / f"{shape}.jsonl"
         write_rows(data, steps * ns.mb * ns.accum + 8, ns.seq)
-        for runner in ns.runners:
+        if ns.prewarm:
+            # Unsloth compiles its kernels (Triton, torch.compile) on first use and caches
+            # them on disk; without this, whichever runner goes first pays for the others.
+            t0 = time.time()
+            subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "bare", "--backend", "unsloth",
+                 "--model-dir", str(mdir), "--data", str(data), "--seq", str(ns.seq), "--mb",
+                 str(ns.mb), "--accum", str(ns.accum), "--steps", "3", "--warm", "1",
+                 "--result", str(work / f"{shape}-prewarm.json")],
+                cwd=work, env=os.environ | OFFLINE_ENV, capture_output=True, text=True,
+                timeout=300,
+            )
+            print(f"prewarm {shape}: {time.time() - t0:.0f}s", flush=True)
+        for rep, runner in enumerate(ns.runners):
             if time.time() > deadline - 30:
                 break
             rec: dict[str, Any] = {"shape": shape, "runner": runner, "seq": ns.seq,
                                    "micro_batch": ns.mb, "accumulation": ns.accum,
                                    "steps": steps, "r": 16, "params": n_params,
-                                   "card": env.get("card"), "bf16_matmul_tflops": tflops}
+                                   "card": env.get("card"), "bf16_matmul_tflops": tflops,
+                                   "order": rep, "prewarmed": ns.prewarm}
             t0 = time.time()
+            profile = out / f"pyspy-{shape}-{runner.replace('+', '-')}.txt" if ns.profile else None
             if runner == "qlora":
                 scrape = out / f"metrics-scrape-{shape}.txt"
-                rec |= run_qlora(ns, f"speed-{shape.replace('.', '-')}", mdir, data, work,
-                                 ns.mb, ns.accum, steps, None, scrape)
+                # One job name (and store) per repetition: a rerun of the same spec would
+                # resume from the first run's final checkpoint and train nothing.
+                rec |= run_qlora(ns, f"speed-{shape.replace('.', '-')}-{rep}", mdir, data,
+                                 work, ns.mb, ns.accum, steps, None, scrape, profile)
             else:
+                backend, _, variant = runner.partition("+")
                 res = work / f"{shape}-{runner}.json"
                 cmd = [sys.executable, str(Path(__file__).resolve()), "bare", "--backend",
-                       runner, "--model-dir", str(mdir), "--data", str(data), "--seq",
+                       backend, "--model-dir", str(mdir), "--data", str(data), "--seq",
                        str(ns.seq), "--mb", str(ns.mb), "--accum", str(ns.accum), "--steps",
                        str(steps), "--warm", str(ns.warm), "--result", str(res)]
+                cmd += [f"--{v}" for v in variant.split("+") if v]
+                if profile:
+                    cmd += ["--profile", str(profile)]
                 with GpuPeak() as gpu:
-                    proc = subprocess.run(cmd, cwd=work, env=os.environ | OFFLINE_ENV,
-                                          capture_output=True, text=True,
-                                          timeout=max(30, deadline - time.time()))
+                    try:
+                        proc = subprocess.run(cmd, cwd=work, env=os.environ | OFFLINE_ENV,
+                                              capture_output=True, text=True,
+                                              timeout=max(30, deadline - time.time()))
+                    except subprocess.TimeoutExpired as e:
+                        print(f"{shape} {runner}: stopped at the budget ({e.timeout:.0f} s)",
+                              flush=True)
+                        break
                 rec |= {"exit_code": proc.returncode, "gpu_peak_used_mib": gpu.peak_mib}
                 if res.exists():
                     rec |= json.loads(res.read_text())
@@ -420,7 +501,8 @@ def run_driver(ns: argparse.Namespace) -> int:
                   flush=True)
             if rec.get("log_tail"):
                 print(rec["log_tail"][-2500:], flush=True)
-    if ns.planner and deadline - time.time() > 200:
+    if ns.planner_only or (ns.planner and deadline - time.time() > 200):
+        ns.warm = ns.planner_warm
         run_planner_comparison(ns, models, work, env, results)
     return 0
 
@@ -490,6 +572,11 @@ def main(argv: list[str]) -> int:
     b.add_argument("--steps", type=int, default=30)
     b.add_argument("--warm", type=int, default=5)
     b.add_argument("--result", required=True)
+    b.add_argument("--sft-gc", action="store_true",
+                   help="also gradient_checkpointing=True in SFTConfig (unsloth)")
+    b.add_argument("--completion-mask", action="store_true",
+                   help="rows carry a completion_mask column; completion_only_loss on")
+    b.add_argument("--profile", default="", help="py-spy collapsed stacks to this file")
     d = sub.add_parser("drive")
     d.add_argument("--out", required=True)
     d.add_argument("--models", required=True)
@@ -506,8 +593,16 @@ def main(argv: list[str]) -> int:
     d.add_argument("--dtype", default="bfloat16")
     d.add_argument("--optimizer", default="adamw_8bit")
     d.add_argument("--planner", action="store_true", help="also the 24GB-class comparison")
+    d.add_argument("--planner-only", action="store_true", help="only the 24GB-class comparison")
+    d.add_argument("--profile", action="store_true", help="py-spy each run in steady state")
+    d.add_argument("--prewarm", action="store_true",
+                   help="a discarded 3-step Unsloth run per shape first (fills the kernel caches)")
+    d.add_argument("--scrape-interval", type=float, default=1.0,
+                   help="seconds between /metrics scrapes of qlora run")
     d.add_argument("--planner-shape", default="llama-3.1-8b")
-    d.add_argument("--planner-steps", type=int, default=6)
+    d.add_argument("--planner-steps", type=int, default=8)
+    d.add_argument("--planner-warm", type=int, default=2,
+                   help="steady state of the planner comparison starts after this step")
     ns = p.parse_args(argv)
     if ns.cmd == "bare":
         return run_bare(ns)

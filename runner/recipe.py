@@ -226,6 +226,7 @@ def _run(
         seed=body.training.seed,
         max_seq_length=max_len,
         trust_remote_code=body.model.trust_remote_code,
+        gradient_checkpointing=shape.gradient_checkpointing,
     )
     start = make_snapshot_callback()  # LoRA tensors as training begins (after any dtype cast)
     saver = make_checkpoint_callback(

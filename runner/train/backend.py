@@ -185,6 +185,7 @@ class TrainerBackend(Protocol):
         seed: int,
         max_seq_length: int,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = True,
     ) -> ModelSession:
         """Load the base model in ``precision`` and attach fresh LoRA adapters.
 
@@ -195,6 +196,8 @@ class TrainerBackend(Protocol):
             seed: Seed for the LoRA initialisation.
             max_seq_length: Longest sequence the model will see.
             trust_remote_code: Allow model code shipped with the weights.
+            gradient_checkpointing: Whether training will recompute activations (a backend
+                whose checkpointing is part of the model, like Unsloth's, sets it up here).
 
         Raises:
             SpecError: a target module does not exist in the model.

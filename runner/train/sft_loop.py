@@ -61,14 +61,19 @@ def sft_args(
     }
 
 
-def to_dataset(dataset_cls: Any, examples: Sequence[TokenizedExample]) -> Any:
-    """Pre-tokenized rows as a ``datasets.Dataset`` with the columns TRL reads."""
-    return dataset_cls.from_dict(
-        {
-            "input_ids": [list(e.input_ids) for e in examples],
-            "completion_mask": [list(e.completion_mask) for e in examples],
-        }
-    )
+def to_dataset(
+    dataset_cls: Any, examples: Sequence[TokenizedExample], *, completion_only_loss: bool
+) -> Any:
+    """Pre-tokenized rows as a ``datasets.Dataset`` with the columns TRL reads.
+
+    The ``completion_mask`` column goes along only when the loss is completion-only: TRL
+    ignores it otherwise, and a row of plain ``input_ids`` is exactly what a hand-written
+    script hands to the trainer.
+    """
+    columns: dict[str, Any] = {"input_ids": [list(e.input_ids) for e in examples]}
+    if completion_only_loss:
+        columns["completion_mask"] = [list(e.completion_mask) for e in examples]
+    return dataset_cls.from_dict(columns)
 
 
 def run_trainer(

@@ -114,8 +114,13 @@ class TransformersBackend:
         seed: int,
         max_seq_length: int,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = True,
     ) -> ModelSession:
-        """Load the base model in ``precision`` and attach fresh LoRA adapters."""
+        """Load the base model in ``precision`` and attach fresh LoRA adapters.
+
+        Checkpointing is switched on by the trainer here (``SFTConfig``), so
+        ``gradient_checkpointing`` needs nothing at load time.
+        """
         quiet_progress_bars()
         try:
             from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -208,8 +213,14 @@ class TransformersBackend:
         trainer = trainer_cls(
             model=session.model,
             args=config,
-            train_dataset=to_dataset(Dataset, train),
-            eval_dataset=to_dataset(Dataset, eval_data) if eval_data else None,
+            train_dataset=to_dataset(
+                Dataset, train, completion_only_loss=shape.completion_only_loss
+            ),
+            eval_dataset=to_dataset(
+                Dataset, eval_data, completion_only_loss=shape.completion_only_loss
+            )
+            if eval_data
+            else None,
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )

@@ -2,10 +2,14 @@
 
 Unsloth replaces the attention, MLP, RoPE, LoRA and cross-entropy kernels of the model with
 fused Triton versions and offloads each layer's checkpointed input to host RAM
-(``use_gradient_checkpointing="unsloth"``, always on: ``training.gradient_checkpointing`` does
-not turn it off, and the planner over-estimates such specs). On the benchmark card (one H200,
-seq 2048, micro batch 4) bare Unsloth trained 1.34-1.39x faster than plain transformers + peft
-+ bitsandbytes with TRL 1.15's fused head (``bench/README.md``).
+(``use_gradient_checkpointing="unsloth"``, set up when the model is loaded; with
+``training.gradient_checkpointing: false`` nothing is checkpointed). The trainer itself is told
+nothing about checkpointing, as in Unsloth's own notebooks: ``SFTConfig(gradient_checkpointing=
+True)`` would make ``Trainer`` call ``gradient_checkpointing_enable()`` on top of Unsloth's own
+(:func:`unsloth_sft_args`). On the benchmark card (one H200, seq 2048, micro batch 4) this
+backend trained the Llama-3.1-8B shape as fast as a bare Unsloth script, and bare Unsloth was
+1.31x (8B) to 1.6x (1B) faster than plain transformers + peft + bitsandbytes with TRL 1.15's
+fused head (``bench/README.md``).
 Everything around training stays the recipe's: the data arrives tokenized with its completion
 mask, and the saved adapter is a plain peft adapter, verified and published exactly like the
 transformers backend's.
@@ -137,8 +141,12 @@ class UnslothBackend:
         seed: int,
         max_seq_length: int,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = True,
     ) -> ModelSession:
-        """Load the base model through Unsloth and attach fresh LoRA adapters."""
+        """Load the base model through Unsloth and attach fresh LoRA adapters.
+
+        ``gradient_checkpointing`` picks Unsloth's offloaded checkpointing or none.
+        """
         from runner.train.transformers_backend import linear_module_names
 
         notes: list[str] = []
@@ -162,7 +170,7 @@ class UnslothBackend:
             target_modules=list(lora.target_modules),
             bias="none",
             use_rslora=lora.use_rslora,
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
             random_state=seed,
             max_seq_length=max_seq_length,
         )
@@ -199,23 +207,17 @@ class UnslothBackend:
         from runner.train.transformers_backend import quiet_progress_bars
 
         quiet_progress_bars()
-        dtype = session.precision.compute_dtype
-        config = SFTConfig(
-            **sft_args(
-                shape,
-                output_dir,
-                optim=shape.optimizer,
-                bf16=dtype == "bfloat16",
-                fp16=dtype == "float16",
-            ),
-            dataset_num_proc=None,
-        )
-        train_ds = to_dataset(Dataset, train)
+        config = SFTConfig(**unsloth_sft_args(shape, output_dir, session.precision.compute_dtype))
+        train_ds = to_dataset(Dataset, train, completion_only_loss=shape.completion_only_loss)
         trainer = SFTTrainer(
             model=session.model,
             args=config,
             train_dataset=train_ds,
-            eval_dataset=to_dataset(Dataset, eval_data) if eval_data else None,
+            eval_dataset=to_dataset(
+                Dataset, eval_data, completion_only_loss=shape.completion_only_loss
+            )
+            if eval_data
+            else None,
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )
@@ -258,6 +260,25 @@ class UnslothBackend:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return ModelSession(model, tokenizer, precision, model_dir, notes)
+
+
+def unsloth_sft_args(shape: BatchShape, output_dir: Path, compute_dtype: str) -> dict[str, Any]:
+    """The ``SFTConfig`` arguments of an Unsloth run: the shared ones, checkpointing left out.
+
+    Unsloth's checkpointing is part of the model (``get_peft_model``, see the module
+    docstring). Turning the trainer's on as well made the Llama-3.2-1B shape train about 14 %
+    slower on an H200 (``bench/speed/run2-1b-ab``), so the trainer is never told.
+    """
+    args = sft_args(
+        shape,
+        output_dir,
+        optim=shape.optimizer,
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
+    )
+    args["gradient_checkpointing"] = False
+    args["dataset_num_proc"] = None
+    return args
 
 
 def check_completion_masking(
