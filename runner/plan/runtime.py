@@ -23,7 +23,7 @@ BYTES_PER_TOKEN = 4.0
 
 HARDWARE_FLOP_UTILISATION = {"unsloth": 0.40, "transformers": 0.33}
 """Share of the card's dense BF16 peak reached, counting recomputed FLOPs (6N + attention per
-token). Measured on one H200 (bench/speed, Llama-3.1-8B shape, 2048 x 4): Unsloth (bare and
+token). Measured on one H200 (bench/speed/run1, Llama-3.1-8B shape, 2048 x 4): Unsloth (bare and
 ``qlora run``) 49 % in steady state and 37 % over the whole run including compilation;
 transformers 37 % and 35 %. Published LLaMA-2-7B QLoRA runs on an A100 at seq 2048 reach 43 %
 and 37 % (see VRAM.md). Padding and short rows waste some of it, so this sits in between."""
