@@ -37,7 +37,7 @@ from runner.errors import ExitCode, PlanError, RunnerError
 from runner.job_metrics import JobMetrics
 from runner.plan.types import Plan
 from runner.settings import Settings, load_settings
-from runner.spec import load_spec, resolve_spec_path, spec_hash
+from runner.spec import RUN_SPEC_HINT, load_spec, resolve_spec_path, spec_hash
 from runner.train.preemption import PreemptionGuard
 
 log = logging.getLogger("runner.recipe")
@@ -160,7 +160,7 @@ def _run(
 
     # 1. loading
     phase.enter(Phase.LOADING, spec=spec_path)
-    job = load_spec(spec_path)
+    job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     run_id = new_run_id(spec_hash(job))
     metrics.open(job, run_id)
     body = job.spec

@@ -224,6 +224,28 @@ def test_cli_validate_and_schema(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert json.loads(capsys.readouterr().out)["title"] == "JobSpec"
 
 
+@pytest.mark.parametrize(
+    ("argv", "how"),
+    [
+        (["plan"], "pass the spec file as the argument: qlora plan FILE"),
+        (["render"], "pass the spec file as the argument: qlora render FILE"),
+        (["submit"], "pass the spec file as the argument: qlora submit FILE"),
+        (["validate"], "pass existing spec files: qlora validate FILE..."),
+        (["run", "--spec"], "pass --spec FILE or set $QLORA_SPEC"),
+    ],
+    ids=["plan", "render", "submit", "validate", "run"],
+)
+def test_a_missing_spec_file_error_says_how_the_command_takes_its_spec(
+    argv: list[str], how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.yaml"
+    assert main([*argv, str(missing)]) == ExitCode.INVALID_INPUT
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file; {how}" in err
+    if argv[0] != "run":  # only `qlora run` has a --spec option
+        assert "--spec" not in err
+
+
 def test_cli_subprocess_never_prints_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("apiVersion: qlora-runner.io/v1alpha1\nkind: FineTuneJob\nspec: 3\n")

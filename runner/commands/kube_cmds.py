@@ -118,7 +118,7 @@ def _submit(args: argparse.Namespace) -> int:
 
     if args.max_replans < 0:
         raise SpecError(f"--max-replans: must be 0 or more, got {args.max_replans}")
-    spec = load_spec(args.file)
+    spec = load_spec(args.file, hint="pass the spec file as the argument: qlora submit FILE")
     settings = load_settings()
     plan = make_plan(spec, settings)  # refuses a spec that fits nothing: no API call yet
     print(

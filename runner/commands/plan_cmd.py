@@ -51,7 +51,7 @@ def _plan(args: argparse.Namespace) -> int:
     from runner.settings import load_settings
     from runner.spec import load_spec
 
-    spec = load_spec(args.file)
+    spec = load_spec(args.file, hint="pass the spec file as the argument: qlora plan FILE")
     settings = load_settings()
     plan = make_plan(spec, settings)
     if args.json:

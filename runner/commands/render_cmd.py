@@ -69,7 +69,7 @@ def _render(args: argparse.Namespace) -> int:
     for flag, value in (("--namespace", args.namespace), ("--queue", args.queue)):
         if value is not None and not is_dns1123_label(value):
             raise SpecError(f"{flag}: '{value}' is not a DNS-1123 label (a-z 0-9 -, <= 63)")
-    spec = load_spec(args.file)
+    spec = load_spec(args.file, hint="pass the spec file as the argument: qlora render FILE")
     settings = load_settings()
     if args.plan:
         plan = _load_plan(args.plan)
@@ -84,8 +84,6 @@ def _render(args: argparse.Namespace) -> int:
     objects = render_objects(spec, plan, settings, queue_name=args.queue, namespace=args.namespace)
     sys.stdout.write(to_yaml(objects))
     return int(ExitCode.OK)
-
-
 
 
 def _load_plan(path: str) -> Plan:

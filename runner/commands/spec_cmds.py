@@ -35,7 +35,7 @@ def _validate(args: argparse.Namespace) -> int:
     failed: list[SpecError] = []
     for f in args.files:
         try:
-            spec = load_spec(f)
+            spec = load_spec(f, hint="pass existing spec files: qlora validate FILE...")
         except SpecError as e:
             failed.append(e)
             print(f"error: {e.message}", file=sys.stderr)

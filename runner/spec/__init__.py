@@ -2,6 +2,7 @@
 
 from runner.spec.loading import (
     DEFAULT_SPEC_PATH,
+    RUN_SPEC_HINT,
     dump_spec,
     load_spec,
     load_spec_text,
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_SPEC_PATH",
     "DEFAULT_TARGET_MODULES",
     "KIND",
+    "RUN_SPEC_HINT",
     "Backend",
     "DatasetFormat",
     "DatasetSpec",

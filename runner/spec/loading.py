@@ -24,6 +24,8 @@ from runner.spec.model import JobSpec
 
 DEFAULT_SPEC_PATH = "/etc/qlora/job.yaml"
 SPEC_PATH_ENV = "QLORA_SPEC"
+RUN_SPEC_HINT = f"pass --spec FILE or set ${SPEC_PATH_ENV}"
+"""How ``qlora run`` is told its spec (:func:`resolve_spec_path`), for ``load_spec(hint=...)``."""
 
 # Key names and value shapes that mean a secret was pasted into the spec.
 _SECRET_KEY_RE = re.compile(
@@ -47,11 +49,14 @@ def resolve_spec_path(path: str | None) -> str:
     return path or os.environ.get(SPEC_PATH_ENV) or DEFAULT_SPEC_PATH
 
 
-def load_spec(path: str | os.PathLike[str]) -> JobSpec:
+def load_spec(path: str | os.PathLike[str], *, hint: str | None = None) -> JobSpec:
     """Read and validate a spec file.
 
     Args:
         path: YAML or JSON file.
+        hint: How the command at hand takes its spec, added to the error when ``path`` does
+            not exist (:data:`RUN_SPEC_HINT` for ``qlora run``; a command that takes the file
+            as an argument says so). Commands differ, so the loader names none by default.
 
     Returns:
         The validated spec.
@@ -63,9 +68,7 @@ def load_spec(path: str | os.PathLike[str]) -> JobSpec:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise SpecError(
-            f"{p}: no such file; pass --spec FILE or set ${SPEC_PATH_ENV}",
-        ) from e
+        raise SpecError(f"{p}: no such file" + (f"; {hint}" if hint else "")) from e
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{p}: cannot read the spec: {e}") from e
     return load_spec_text(text, source=str(p))
