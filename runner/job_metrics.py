@@ -134,9 +134,12 @@ class JobMetrics:
         try:
             self._record_memory()
             self.metrics.finish(exit_code)
-            if self.pushgateway_url and self.job and self.run_id:
+            if self.pushgateway_url and self.job:
                 self.pushed = push_metrics(
-                    self.metrics, self.pushgateway_url, job=self.job, run_id=self.run_id
+                    self.metrics,
+                    self.pushgateway_url,
+                    job=self.job,
+                    namespace=self.settings.namespace,
                 )
         finally:
             if self.server is not None:

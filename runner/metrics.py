@@ -11,8 +11,9 @@ This is the only module that imports ``prometheus_client``; everything else talk
 :class:`RunMetrics`. Metric names follow the Prometheus conventions (base units, ``_bytes``,
 ``_seconds``, ``_total`` on counters) and labels stay low-cardinality: the job's name, backend,
 GPU class and precision on one info metric, the device on memory gauges, the phase on the phase
-gauge; never a spec hash, a run id or a secret. (A Pushgateway's grouping key carries the run
-id; see :func:`push_metrics`.) ``job_name`` rather than ``job`` labels the info metric because
+gauge; never a spec hash, a run id or a secret. A Pushgateway groups the pushed values by the
+job's name and namespace (:func:`push_metrics`), so it holds one group per job, not per run.
+``job_name`` rather than ``job`` labels the info metric because
 Prometheus owns ``job`` as the scrape target's label and would rename ours ``exported_job``.
 """
 
@@ -386,20 +387,23 @@ def push_metrics(
     gateway_url: str,
     *,
     job: str,
-    run_id: str,
+    namespace: str,
     timeout_s: float = PUSH_TIMEOUT_S,
 ) -> bool:
-    """Replace this run's group on a Pushgateway with the current values.
+    """Replace this job's group on a Pushgateway with the current values.
 
-    The group is ``job=<job>``, ``run=<run_id>``: pushing again for the same run replaces its
-    values, and different runs stay apart. A failing push is logged, never raised: metrics must
-    not fail a job that trained and published.
+    The group is ``job=<job>``, ``namespace=<namespace>``: each push replaces the job's last
+    values, so a retry or a rerun of the same job leaves its own outcome and not its
+    predecessors' (an old failure would otherwise keep ``qlora_job_exit_code`` non-zero, and an
+    alert on it firing, for ever), and the gateway holds one group per job rather than one per
+    run. The run id is in the job's logs and its manifest, never a label. A failing push is
+    logged, never raised: metrics must not fail a job that trained and published.
 
     Args:
         metrics: What to push.
         gateway_url: ``http[s]://host:port[/path]``.
         job: The job's name (``metadata.name``).
-        run_id: The run's id.
+        namespace: The Kubernetes namespace the job runs in (job names are unique there).
         timeout_s: Bound on the HTTP request.
 
     Returns:
@@ -410,13 +414,16 @@ def push_metrics(
             gateway_url,
             job=job,
             registry=metrics.registry,
-            grouping_key={"run": run_id},
+            grouping_key={"namespace": namespace},
             timeout=timeout_s,
         )
     except (URLError, OSError, ValueError) as e:  # HTTPError is a URLError; timeouts are OSError
         log.warning(
-            "metrics: push to the Pushgateway %s failed: %s", gateway_url, e, extra={"run": run_id}
+            "metrics: push to the Pushgateway %s failed: %s",
+            gateway_url,
+            e,
+            extra={"job_name": job, "namespace": namespace},
         )
         return False
-    log.info("metrics: pushed to %s (job=%s, run=%s)", gateway_url, job, run_id)
+    log.info("metrics: pushed to %s (job=%s, namespace=%s)", gateway_url, job, namespace)
     return True

@@ -494,3 +494,13 @@ def test_plan_change_keeps_names_but_changes_plan_json() -> None:
     cm2, _ = render_objects(spec, p2, Settings())
     assert cm1["metadata"]["name"] == cm2["metadata"]["name"]
     assert cm1["data"]["plan.json"] != cm2["data"]["plan.json"]
+
+
+def test_the_pod_learns_its_namespace_from_the_downward_api() -> None:
+    """The runner groups its Pushgateway push by namespace; the pod's own, not a setting."""
+    _, job = render(settings=Settings(namespace="rendered-for"))
+    env = {e["name"]: e for e in container(job)["env"]}
+    assert env["QLORA_NAMESPACE"] == {
+        "name": "QLORA_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }

@@ -270,21 +270,34 @@ def test_a_busy_port_is_logged_and_the_job_goes_on(caplog: pytest.LogCaptureFixt
 
 
 @pytest.mark.integration
-def test_push_replaces_the_runs_group(pushgateway: Pushgateway) -> None:
+def test_a_push_replaces_the_jobs_group(pushgateway: Pushgateway) -> None:
+    """One group per job and namespace: the last push of a job wins, other jobs stay apart."""
     m = busy_run()
-    assert push_metrics(m, pushgateway.url, job="support-bot", run_id="r1")
+    assert push_metrics(m, pushgateway.url, job="support-bot", namespace="team-a")
     m.finish(4)
-    assert push_metrics(m, pushgateway.url, job="support-bot", run_id="r1")
-    other = RunMetrics()
-    other.finish(0)
-    assert push_metrics(other, pushgateway.url, job="support-bot", run_id="r2")
+    assert push_metrics(m, pushgateway.url, job="support-bot", namespace="team-a")
+    group = {"job": "support-bot", "namespace": "team-a"}
+    assert pushgateway.value("qlora_job_exit_code", **group) == 4
+    assert pushgateway.value("qlora_job_phase", phase="failed", **group) == 1
+    assert pushgateway.value("qlora_train_loss", **group) == 1.25
+    elsewhere = RunMetrics()
+    elsewhere.finish(0)
+    assert push_metrics(elsewhere, pushgateway.url, job="support-bot", namespace="team-b")
 
-    assert pushgateway.value("qlora_job_exit_code", job="support-bot", run="r1") == 4
-    assert pushgateway.value("qlora_job_phase", job="support-bot", run="r1", phase="failed") == 1
-    assert pushgateway.value("qlora_train_loss", job="support-bot", run="r1") == 1.25
-    assert pushgateway.value("qlora_job_exit_code", job="support-bot", run="r2") == 0
-    keys = {(g.get("job"), g.get("run")) for g in pushgateway.groups()}
-    assert keys == {("support-bot", "r1"), ("support-bot", "r2")}
+    # The job's retry (a new run of the same job) succeeds: its push replaces the failure.
+    retry = RunMetrics()
+    retry.finish(0)
+    assert push_metrics(retry, pushgateway.url, job="support-bot", namespace="team-a")
+    assert pushgateway.value("qlora_job_exit_code", **group) == 0
+    assert pushgateway.value("qlora_job_phase", phase="failed", **group) == 0
+    assert pushgateway.value("qlora_train_loss", **group) != 1.25  # not the failed run's
+    assert pushgateway.value("qlora_job_exit_code", job="support-bot", namespace="team-b") == 0
+    keys = {(g.get("job"), g.get("namespace")) for g in pushgateway.groups()}
+    assert {k for k in keys if k[0] == "support-bot"} == {
+        ("support-bot", "team-a"),
+        ("support-bot", "team-b"),
+    }
+    assert all("run" not in g for g in pushgateway.groups())
 
 
 @pytest.mark.integration
@@ -293,7 +306,7 @@ def test_push_to_an_unreachable_gateway_is_logged_not_raised(
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, logger="runner.metrics"):
-        assert push_metrics(busy_run(), url, job="j", run_id="r") is False
+        assert push_metrics(busy_run(), url, job="j", namespace="n") is False
     assert "push to the Pushgateway" in caplog.text and url in caplog.text
 
 
@@ -305,7 +318,7 @@ def test_push_to_a_gateway_that_never_answers_is_bounded(caplog: pytest.LogCaptu
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="runner.metrics"):
-            ok = push_metrics(busy_run(), url, job="j", run_id="r", timeout_s=1.0)
+            ok = push_metrics(busy_run(), url, job="j", namespace="n", timeout_s=1.0)
         elapsed = time.monotonic() - started
     assert ok is False
     assert elapsed < 5.0

@@ -112,7 +112,7 @@ def test_open_serves_and_close_pushes_the_failure_then_stops(pushgateway: Pushga
     jm.set_phase("preflight")
     jm.close(2)
     assert jm.pushed is True
-    group = {"job": "support-bot", "run": "run-7"}
+    group = {"job": "support-bot", "namespace": "qlora"}  # Settings' default namespace
     assert pushgateway.value("qlora_job_phase", phase="failed", **group) == 1
     assert pushgateway.value("qlora_job_phase", phase="preflight", **group) == 0
     assert pushgateway.value("qlora_job_exit_code", **group) == 2

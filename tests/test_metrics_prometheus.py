@@ -103,15 +103,15 @@ def test_prometheus_scrapes_a_running_job_and_keeps_its_pushed_end(
         code, out = finish(proc)
     assert code == 0, out
     # The pod is gone; the Pushgateway holds the end, and Prometheus reads it from there.
-    assert pushgateway.value("qlora_train_step", job="driver-job", run="run-1") == 40
+    assert pushgateway.value("qlora_train_step", job="driver-job", namespace="qlora") == 40
     ended = prom.wait_for(
-        'qlora_job_phase{job="driver-job",run="run-1",phase="succeeded"}',
+        'qlora_job_phase{job="driver-job",namespace="qlora",phase="succeeded"}',
         lambda r: bool(r) and r[0][1] == 1,
     )
     assert "instance" not in ended[0][0]  # honor_labels: not the gateway's own instance
-    info = prom.query('qlora_job_info{job="driver-job",run="run-1"}')
+    info = prom.query('qlora_job_info{job="driver-job",namespace="qlora"}')
     assert info[0][0]["job_name"] == "driver-job"
-    assert prom.query('qlora_job_exit_code{job="driver-job",run="run-1"}')[0][1] == 0
+    assert prom.query('qlora_job_exit_code{job="driver-job",namespace="qlora"}')[0][1] == 0
     assert prom.query('max_over_time(qlora_job_phase{job="trainer",phase="training"}[5m])')
 
 
@@ -120,7 +120,7 @@ def test_a_failed_job_pushes_phase_failed_and_its_exit_code(pushgateway: Pushgat
     code, out = finish(run_driver(free_port(), pushgateway.url, exit_code=6, steps=2))
     assert code == 6, out
     assert time.monotonic() - started < 30
-    group = {"job": "driver-job", "run": "run-1"}
+    group = {"job": "driver-job", "namespace": "qlora"}
     assert pushgateway.value("qlora_job_phase", phase="failed", **group) == 1
     assert pushgateway.value("qlora_job_phase", phase="training", **group) == 0
     assert pushgateway.value("qlora_job_exit_code", **group) == 6

@@ -49,6 +49,8 @@ def start_run(spec: Path, tmp_path: Path) -> subprocess.Popen[str]:
         "QLORA_METRICS_BIND_ADDRESS": "127.0.0.1",
         "HF_HUB_OFFLINE": "1",
         "NO_PROXY": "127.0.0.1,localhost",
+        # What the rendered Job sets from the pod's namespace; the push is grouped by it.
+        "QLORA_NAMESPACE": "team-ml",
     }
     env.pop("QLORA_PUSHGATEWAY_URL", None)
     return subprocess.Popen(
@@ -118,10 +120,8 @@ def test_prometheus_scrapes_a_cpu_run_and_the_pushgateway_keeps_its_end(
     assert info and info[0][0]["job_name"] == "tiny-demo"
     assert info[0][0]["backend"] == "transformers" and info[0][0]["quant_mode"] == "4bit"
 
-    # The process is gone; its end is on the Pushgateway, under the published run id.
-    summary = next(line for line in out.splitlines() if line.startswith('{"run_id"'))
-    run_id = yaml.safe_load(summary)["run_id"]
-    group = {"job": "tiny-demo", "run": run_id}
+    # The process is gone; its end is on the Pushgateway, in the job's group.
+    group = {"job": "tiny-demo", "namespace": "team-ml"}
     assert pushgateway.value("qlora_job_phase", phase="succeeded", **group) == 1
     assert pushgateway.value("qlora_job_exit_code", **group) == 0
     assert pushgateway.value("qlora_train_step", **group) == STEPS
@@ -134,7 +134,7 @@ def test_prometheus_scrapes_a_cpu_run_and_the_pushgateway_keeps_its_end(
     assert (
         pushgateway.value("qlora_job_phase_duration_seconds", phase="verifying", **group) or 0
     ) > 0
-    ended = prom.wait_for(f'qlora_job_phase{{job="tiny-demo",run="{run_id}",phase="succeeded"}}')
+    ended = prom.wait_for('qlora_job_phase{job="tiny-demo",namespace="team-ml",phase="succeeded"}')
     assert ended[0][1] == 1
 
 
@@ -150,7 +150,8 @@ def test_a_run_on_invalid_data_pushes_phase_failed_and_exit_code_2(
 
     groups = [g for g in pushgateway.groups() if g.get("job") == "tiny-demo"]
     assert len(groups) == 1, groups
-    group = {"job": "tiny-demo", "run": groups[0]["run"]}
+    assert groups[0]["namespace"] == "team-ml"
+    group = {"job": "tiny-demo", "namespace": "team-ml"}
     assert pushgateway.value("qlora_job_phase", phase="failed", **group) == 1
     assert pushgateway.value("qlora_job_phase", phase="succeeded", **group) == 0
     assert pushgateway.value("qlora_job_exit_code", **group) == 2

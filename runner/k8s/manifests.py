@@ -461,6 +461,10 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
     # The re-plan attempt from the pod's own label, so the runner's metrics show every retry.
     label = f"metadata.labels['{names.LABEL_ATTEMPT}']"
     env.append({"name": "QLORA_ATTEMPT", "valueFrom": {"fieldRef": {"fieldPath": label}}})
+    # The pod's own namespace: the Pushgateway groups the job's final metrics by it.
+    env.append(
+        {"name": "QLORA_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    )
     return env
 
 
