@@ -113,6 +113,10 @@ class JobMetrics:
             self.metrics.set_phase(known)
             self._record_memory()
 
+    def set_estimate(self, vram_estimate_bytes: int) -> None:
+        """The planner's estimate when there is no plan (``qlora run`` by hand on a GPU)."""
+        self.metrics.vram_estimate.set(vram_estimate_bytes)
+
     def training_callbacks(self, rows: int, tokens: int, loss_tokens: int) -> list[Any]:
         """The ``TrainerCallback`` that keeps the training metrics current.
 

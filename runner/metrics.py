@@ -20,6 +20,7 @@ Prometheus owns ``job`` as the scrape target's label and would rename ours ``exp
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -160,6 +161,9 @@ class RunMetrics:
         self.learning_rate = gauge("train_learning_rate", "Learning rate at the last logging step.")
         self.grad_norm = gauge("train_grad_norm", "Gradient norm at the last logging step.")
         self.eta = gauge("train_eta_seconds", "Estimated wall time until training ends.")
+        # Not a value yet: NaN (a gap on a graph) until the trainer logs one, never a loss of 0.
+        for unknown in (self.loss, self.learning_rate, self.grad_norm, self.eta):
+            unknown.set(math.nan)
 
         # Throughput.
         self.tokens = counter("train_tokens", "Tokens trained on (padding excluded).")

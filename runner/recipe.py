@@ -21,6 +21,7 @@ and the storage client are only reached through :mod:`runner.train` and :mod:`ru
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -37,7 +38,7 @@ from runner.errors import ExitCode, PlanError, RunnerError
 from runner.job_metrics import JobMetrics
 from runner.plan.types import Plan
 from runner.settings import Settings, load_settings
-from runner.spec import RUN_SPEC_HINT, load_spec, resolve_spec_path, spec_hash
+from runner.spec import RUN_SPEC_HINT, JobSpec, load_spec, resolve_spec_path, spec_hash
 from runner.train.preemption import PreemptionGuard
 
 log = logging.getLogger("runner.recipe")
@@ -179,6 +180,16 @@ def _run(
     work = Path(settings.work_dir) / job.metadata.name
     fetcher = _fetcher(work, settings)
     base = resolve_model(body.model, fetcher)
+    if plan is None and cuda:  # by hand on a GPU: still put an estimate beside the measurement
+        estimated = estimate_without_plan(
+            job,
+            base.path,
+            quant_mode=decided.precision.quant_mode,
+            backend=backend.name,
+            micro_batch=decided.shape.micro_batch_size,
+        )
+        if estimated is not None:
+            metrics.set_estimate(estimated)
     data = load_rows(body.dataset, fetcher, seed=body.training.seed)
     tokenizer = load_tokenizer(base.path, body.model.trust_remote_code)
 
@@ -346,6 +357,37 @@ class _PhaseTracker:
         log.log(level, "phase %s", phase.value, extra={"phase": phase.value, **fields})
         for hook in self.hooks:
             hook(phase)
+
+
+def estimate_without_plan(
+    job: JobSpec, model_dir: Path, *, quant_mode: str, backend: str, micro_batch: int
+) -> int | None:
+    """The planner's peak-memory estimate for a run that has no ``plan.json``.
+
+    Sized from the model's own ``config.json`` and what the run resolved (precision, backend,
+    micro batch). The estimate only informs (the ``qlora_vram_estimate_bytes`` metric and the
+    log), so a model the estimator cannot size gives None and a warning, never a failed job.
+    """
+    from runner.plan import estimate_run
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        found = estimate_run(
+            job, config, quant_mode=quant_mode, backend=backend, micro_batch=micro_batch
+        )
+    except (OSError, ValueError, RunnerError) as e:
+        reason = e.message if isinstance(e, RunnerError) else str(e)
+        log.warning("no VRAM estimate for this run: %s", reason)
+        return None
+    log.info(
+        "estimated peak GPU memory %.1f GiB (%s, %s, micro batch %d; no plan.json)",
+        found.total_bytes / 2**30,
+        backend,
+        quant_mode,
+        micro_batch,
+        extra={"vram_estimate_bytes": found.total_bytes},
+    )
+    return found.total_bytes
 
 
 def _read_plan(path: Path) -> Plan | None:

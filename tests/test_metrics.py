@@ -8,6 +8,7 @@ real Pushgateway, including one that is down and one that never answers.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import subprocess
 import time
@@ -130,6 +131,22 @@ def test_values_read_back() -> None:
     )
 
 
+def test_values_not_logged_yet_are_nan_not_zero() -> None:
+    """Before the trainer's first log a loss of 0 would read as a perfect model."""
+    m = RunMetrics()
+    for name in (
+        "qlora_train_loss",
+        "qlora_train_learning_rate",
+        "qlora_train_grad_norm",
+        "qlora_train_eta_seconds",
+    ):
+        value = m.value(name)
+        assert value is not None and math.isnan(value), name
+    m.observe_log(loss=2.0)
+    assert m.value("qlora_train_loss") == 2.0
+    assert b"qlora_train_loss NaN" not in m.exposition()
+
+
 def test_the_global_registry_is_never_used() -> None:
     busy_run()
     names = {f.name for f in REGISTRY.collect()}
@@ -199,9 +216,10 @@ def test_counters_ignore_negative_amounts() -> None:
     assert m.value("qlora_train_samples_total") == 2
 
 
-def test_promtool_check_metrics_is_clean() -> None:
+@pytest.mark.parametrize("started", [True, False], ids=["busy", "fresh"])
+def test_promtool_check_metrics_is_clean(started: bool) -> None:
     promtool = require_binary("promtool")
-    m = busy_run()
+    m = busy_run() if started else RunMetrics()  # fresh: NaN where nothing was logged yet
     m.finish(0)
     result = subprocess.run(
         [promtool, "check", "metrics"],

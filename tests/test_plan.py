@@ -22,6 +22,7 @@ from runner.errors import ExitCode, PlanError, SpecError
 from runner.plan import (
     Plan,
     bundled_config,
+    estimate_run,
     load_gpu_classes,
     load_model_config,
     make_plan,
@@ -165,6 +166,37 @@ def test_auto_micro_batch_is_the_largest_divisor_that_fits() -> None:
         with pytest.raises(PlanError):
             make_plan(forced, settings, gpu_classes=table)
     assert make_plan(spec, settings).micro_batch_size == plan.micro_batch_size
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [{}, {"model": {"source": LLAMA_70B}}, {"training": {"backend": "transformers"}}],
+    ids=["8b", "70b", "8b-transformers"],
+)
+def test_a_run_without_a_plan_is_estimated_as_the_planner_would(
+    sections: dict[str, Any],
+) -> None:
+    """``qlora run`` by hand reports ``estimate_run``; it must be the plan's own number."""
+    doc = _doc(**sections)
+    spec = validate_document(doc)
+    plan = make_plan(spec, Settings())
+    config = load_model_config(spec, Settings()).config
+    found = estimate_run(
+        spec,
+        config,
+        quant_mode=plan.quant_mode,
+        backend=plan.backend,
+        micro_batch=plan.micro_batch_size,
+    )
+    assert found.total_bytes == plan.vram_estimate_bytes
+    half = estimate_run(
+        spec,
+        config,
+        quant_mode=plan.quant_mode,
+        backend=plan.backend,
+        micro_batch=max(1, plan.micro_batch_size // 2),
+    )
+    assert half.total_bytes <= found.total_bytes
 
 
 @pytest.mark.parametrize(

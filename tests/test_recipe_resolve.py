@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,40 @@ def test_auto_falls_back_to_transformers_on_cpu() -> None:
     need_train_extra()
     assert select_backend("auto").name == "transformers"
     assert select_backend("transformers").name == "transformers"
+
+
+# --- the estimate of a run without a plan ---------------------------------------------------
+
+
+def test_a_run_without_a_plan_gets_the_planners_estimate(
+    tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runner.plan import estimate_run
+    from runner.recipe import estimate_without_plan
+
+    job = load_spec_text(BASE)
+    with caplog.at_level("INFO", logger="runner.recipe"):
+        found = estimate_without_plan(
+            job, tiny_model_dir, quant_mode="4bit", backend="unsloth", micro_batch=4
+        )
+    config = json.loads((tiny_model_dir / "config.json").read_text(encoding="utf-8"))
+    expected = estimate_run(job, config, quant_mode="4bit", backend="unsloth", micro_batch=4)
+    assert found == expected.total_bytes > 0
+    assert "no plan.json" in caplog.text
+
+
+def test_a_model_the_estimator_cannot_size_only_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runner.recipe import estimate_without_plan
+
+    job = load_spec_text(BASE)
+    (tmp_path / "config.json").write_text('{"model_type": "not-a-known-architecture"}')
+    with caplog.at_level("WARNING", logger="runner.recipe"):
+        assert estimate_without_plan(
+            job, tmp_path, quant_mode="4bit", backend="unsloth", micro_batch=1
+        ) is None
+        assert estimate_without_plan(
+            job, tmp_path / "missing", quant_mode="4bit", backend="unsloth", micro_batch=1
+        ) is None
+    assert caplog.text.count("no VRAM estimate for this run") == 2

@@ -14,7 +14,7 @@ from runner.plan.estimator import (
     estimate,
 )
 from runner.plan.model_config import ModelConfig, bundled_config, load_model_config
-from runner.plan.planner import make_plan, training_shape
+from runner.plan.planner import estimate_run, make_plan, training_shape
 from runner.plan.shapes import SUPPORTED_MODEL_TYPES, ModelShape, shape_from_config
 from runner.plan.types import GpuClass, Plan, VramTerm
 
@@ -33,6 +33,7 @@ __all__ = [
     "VramTerm",
     "bundled_config",
     "estimate",
+    "estimate_run",
     "load_gpu_classes",
     "load_model_config",
     "make_plan",

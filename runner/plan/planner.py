@@ -70,6 +70,29 @@ def training_shape(
     )
 
 
+def estimate_run(
+    spec: JobSpec,
+    model_config: Mapping[str, Any],
+    *,
+    quant_mode: str,
+    backend: str,
+    micro_batch: int,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> Estimate:
+    """The estimator's peak for a run whose precision, backend and micro batch are decided.
+
+    ``qlora run`` without a ``plan.json`` (by hand, on whatever card it finds) uses this to
+    put the planner's estimate beside the measured peak, as a planned job does.
+
+    Raises:
+        SpecError: unknown architecture, mode, backend or target module.
+    """
+    shape = shape_from_config(model_config)
+    skip = quantization_skip_modules(model_config)
+    t = training_shape(spec, quant_mode, backend, micro_batch, skip)
+    return estimate(shape, t, calibration)
+
+
 def _divisors_desc(n: int) -> list[int]:
     return sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True)
 
