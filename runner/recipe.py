@@ -168,6 +168,8 @@ def _run(
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
     backend = select_backend(body.training.backend)
     cuda = cuda_available()
+    if plan is None and cuda:  # by hand on a GPU: plan for the card that is there
+        plan = plan_this_card(job, settings, backend.name)
     decided = resolve(body, plan, cuda=cuda, bf16=cuda_bf16_supported())
     for reason in decided.reasons:
         log.info("resolved: %s", reason)
@@ -180,7 +182,7 @@ def _run(
     work = Path(settings.work_dir) / job.metadata.name
     fetcher = _fetcher(work, settings)
     base = resolve_model(body.model, fetcher)
-    if plan is None and cuda:  # by hand on a GPU: still put an estimate beside the measurement
+    if plan is None and cuda:  # no plan even for this card: still put an estimate beside
         estimated = estimate_without_plan(
             job,
             base.path,
@@ -357,6 +359,46 @@ class _PhaseTracker:
         log.log(level, "phase %s", phase.value, extra={"phase": phase.value, **fields})
         for hook in self.hooks:
             hook(phase)
+
+
+def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | None:
+    """The planner's micro batch, accumulation and precision for the local GPU.
+
+    Used when no ``plan.json`` came with the spec (``qlora run`` by hand). The planner keeps
+    what the spec sets explicitly; when it finds the run does not fit this card, or cannot
+    size the model, the run goes on with the spec's own values and a warning (the estimate
+    has a safety margin, and a user who set every value asked for exactly that).
+    """
+    from runner.plan import plan_for_card
+    from runner.train.backend import cuda_device
+
+    card = cuda_device()
+    if card is None:
+        return None
+    name, total = card
+    try:
+        plan = plan_for_card(
+            job, settings, card_memory_bytes=total, card_name=name, backend=backend
+        )
+    except RunnerError as e:
+        log.warning(
+            "no plan for this %s: %s; training with the spec's own values",
+            name,
+            "; ".join(e.lines()),
+        )
+        return None
+    log.info(
+        "planned for this %s (%d MiB): %s, micro batch %d x accumulation %d, estimated peak "
+        "%.1f GiB",
+        name,
+        total // 2**20,
+        plan.quant_mode,
+        plan.micro_batch_size,
+        plan.gradient_accumulation_steps,
+        plan.vram_estimate_bytes / 2**30,
+        extra={"plan": json.loads(plan.to_json())},
+    )
+    return plan
 
 
 def estimate_without_plan(

@@ -27,10 +27,11 @@ from runner.plan import (
     load_model_config,
     make_plan,
     parse_gpu_classes,
+    plan_for_card,
 )
 from runner.plan.types import GIB, MIB
 from runner.settings import Settings
-from runner.spec import validate_document
+from runner.spec import spec_hash, validate_document
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -197,6 +198,74 @@ def test_a_run_without_a_plan_is_estimated_as_the_planner_would(
         micro_batch=max(1, plan.micro_batch_size // 2),
     )
     assert half.total_bytes <= found.total_bytes
+
+
+# --- planning for the card a run by hand finds ---------------------------------------------
+
+
+def test_a_card_at_a_class_floor_gets_that_classes_plan() -> None:
+    spec = validate_document(_doc(training={"max_seq_length": 4096}))
+    floor = load_gpu_classes().by_name("24GB")
+    assert floor is not None
+    cls = make_plan(spec, Settings())
+    card = plan_for_card(
+        spec,
+        Settings(),
+        card_memory_bytes=floor.min_memory_mib * MIB,
+        card_name="NVIDIA A10G",
+        backend="unsloth",
+    )
+    assert cls.gpu_class.name == "24GB"
+    assert (card.micro_batch_size, card.gradient_accumulation_steps, card.quant_mode) == (
+        cls.micro_batch_size,
+        cls.gradient_accumulation_steps,
+        cls.quant_mode,
+    )
+    assert card.vram_estimate_bytes == cls.vram_estimate_bytes
+    assert card.gpu_class.name == "this-card" and card.gpu_class.reference_card == "NVIDIA A10G"
+    assert card.spec_hash == spec_hash(spec) and card.prefer_below_mib is None
+    assert "planned for this process's NVIDIA A10G (no plan.json)" in card.reasons
+
+
+def test_a_big_card_gets_a_bigger_batch_and_accuracy_gets_16_bit() -> None:
+    doc = _doc(training={"max_seq_length": 4096}, resources={"gpu_class": "24GB"})
+    small = make_plan(validate_document(doc), Settings())
+    h200 = 143_771 * MIB
+    big = plan_for_card(
+        validate_document(doc),  # a pinned class says where a cluster schedules it: not used
+        Settings(),
+        card_memory_bytes=h200,
+        card_name="NVIDIA H200",
+        backend="unsloth",
+    )
+    assert big.micro_batch_size >= small.micro_batch_size
+    assert big.micro_batch_size * big.gradient_accumulation_steps == 16
+    accurate = validate_document(_doc(resources={"priority": "accuracy"}))
+    assert plan_for_card(
+        accurate, Settings(), card_memory_bytes=h200, card_name="H200", backend="unsloth"
+    ).quant_mode == "16bit"
+
+
+def test_the_card_plan_sizes_the_backend_that_will_train() -> None:
+    spec = validate_document(_doc())
+    card = 80 * 1024 * MIB
+    hf = plan_for_card(
+        spec, Settings(), card_memory_bytes=card, card_name="A100", backend="transformers"
+    )
+    fast = plan_for_card(
+        spec, Settings(), card_memory_bytes=card, card_name="A100", backend="unsloth"
+    )
+    assert (hf.backend, fast.backend) == ("transformers", "unsloth")
+    assert hf.micro_batch_size == fast.micro_batch_size == 16
+    assert hf.vram_estimate_bytes > fast.vram_estimate_bytes
+
+
+def test_a_run_too_big_for_the_card_is_a_plan_error() -> None:
+    spec = validate_document(_doc(model={"source": LLAMA_70B}))
+    with pytest.raises(PlanError):
+        plan_for_card(
+            spec, Settings(), card_memory_bytes=24 * 1024 * MIB, card_name="L4", backend="unsloth"
+        )
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,44 @@ def test_a_model_the_estimator_cannot_size_only_warns(
             job, tmp_path / "missing", quant_mode="4bit", backend="unsloth", micro_batch=1
         ) is None
     assert caplog.text.count("no VRAM estimate for this run") == 2
+
+
+# --- a run by hand on a GPU plans for the card it finds -------------------------------------
+
+
+def test_a_run_by_hand_on_a_gpu_plans_for_that_card(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import runner.train.backend as backend_module
+    from runner.recipe import plan_this_card
+    from runner.settings import Settings
+
+    job = load_spec_text(BASE.replace("source: ./m", f"source: {tiny_model_dir}"))
+    # What torch reports on the GPU host; this machine has no GPU to ask.
+    monkeypatch.setattr(backend_module, "cuda_device", lambda: ("NVIDIA H200", 143_771 * 2**20))
+    with caplog.at_level("INFO", logger="runner.recipe"):
+        plan = plan_this_card(job, Settings(), "transformers")
+    assert plan is not None
+    assert plan.gpu_class.name == "this-card" and plan.backend == "transformers"
+    assert "planned for this NVIDIA H200 (143771 MiB)" in caplog.text
+    # The recipe resolves the run from it exactly as from a mounted plan.json.
+    decided = resolve(job.spec, plan, cuda=True, bf16=True)
+    assert decided.shape.micro_batch_size == plan.micro_batch_size
+    assert any("class this-card" in r for r in decided.reasons)
+
+
+def test_a_card_too_small_leaves_the_spec_values_and_warns(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import runner.train.backend as backend_module
+    from runner.recipe import plan_this_card
+    from runner.settings import Settings
+
+    job = load_spec_text(BASE.replace("source: ./m", f"source: {tiny_model_dir}"))
+    monkeypatch.setattr(backend_module, "cuda_device", lambda: ("a 1 MiB card", 2**20))
+    with caplog.at_level("WARNING", logger="runner.recipe"):
+        assert plan_this_card(job, Settings(), "unsloth") is None
+    assert "no plan for this a 1 MiB card" in caplog.text
+    assert "training with the spec's own values" in caplog.text
+    monkeypatch.setattr(backend_module, "cuda_device", lambda: None)
+    assert plan_this_card(job, Settings(), "unsloth") is None

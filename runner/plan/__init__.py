@@ -14,7 +14,7 @@ from runner.plan.estimator import (
     estimate,
 )
 from runner.plan.model_config import ModelConfig, bundled_config, load_model_config
-from runner.plan.planner import estimate_run, make_plan, training_shape
+from runner.plan.planner import estimate_run, make_plan, plan_for_card, training_shape
 from runner.plan.shapes import SUPPORTED_MODEL_TYPES, ModelShape, shape_from_config
 from runner.plan.types import GpuClass, Plan, VramTerm
 
@@ -38,6 +38,7 @@ __all__ = [
     "load_model_config",
     "make_plan",
     "parse_gpu_classes",
+    "plan_for_card",
     "shape_from_config",
     "training_shape",
 ]

@@ -33,9 +33,10 @@ from runner.plan.estimator import (
 from runner.plan.model_config import load_model_config
 from runner.plan.runtime import estimate_runtime
 from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
-from runner.plan.types import GIB, GpuClass, Plan
+from runner.plan.types import GIB, MIB, GpuClass, Plan
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
+from runner.spec.model import Backend
 
 
 def _gib(n: float) -> str:
@@ -352,4 +353,54 @@ def make_plan(
             (c.min_memory_mib for c in table.classes if c.min_memory_mib > chosen.min_memory_mib),
             None,
         ),
+    )
+
+
+def plan_for_card(
+    spec: JobSpec,
+    settings: Settings,
+    *,
+    card_memory_bytes: int,
+    card_name: str,
+    backend: str,
+    model_config: Mapping[str, Any] | None = None,
+    gpu_classes: GpuClassTable | None = None,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> Plan:
+    """Plan for the one card this process runs on (``qlora run`` by hand, no ``plan.json``).
+
+    The class table is that card alone, with the deployment table's safety margin, so the
+    plan picks micro batch, accumulation and precision for the memory really there. The
+    spec's ``resources.gpu_class`` says where a cluster would schedule the job; by hand the
+    card is what it is, so it is not consulted. ``backend`` is the one that will train
+    (Unsloth, or the transformers fallback where Unsloth does not import).
+
+    Raises:
+        SpecError: unknown architecture or target module.
+        PlanError: the run does not fit this card.
+    """
+    margin = (gpu_classes or load_gpu_classes(settings)).safety_margin
+    card = GpuClass(
+        name="this-card", min_memory_mib=card_memory_bytes // MIB, reference_card=card_name
+    )
+    table = GpuClassTable((card,), margin, f"this process's {card_name}")
+    body = spec.spec
+    local = spec.model_copy(
+        update={
+            "spec": body.model_copy(
+                update={
+                    "resources": body.resources.model_copy(update={"gpu_class": "auto"}),
+                    "training": body.training.model_copy(update={"backend": Backend(backend)}),
+                }
+            )
+        }
+    )
+    plan = make_plan(
+        local, settings, model_config=model_config, gpu_classes=table, calibration=calibration
+    )
+    return dataclasses.replace(
+        plan,
+        spec_hash=spec_hash(spec),
+        prefer_below_mib=None,
+        reasons=(*plan.reasons, f"planned for this process's {card_name} (no plan.json)"),
     )

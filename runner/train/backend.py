@@ -259,6 +259,16 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def cuda_device() -> tuple[str, int] | None:
+    """Name and total memory in bytes of the CUDA device training uses; None without CUDA."""
+    if not cuda_available():
+        return None
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return str(props.name), int(props.total_memory)
+
+
 def release_device_memory() -> None:
     """Free what the finished training left behind before the verification reload.
 
