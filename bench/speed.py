@@ -417,6 +417,15 @@ def log_marks(log_path: Path) -> dict[int, tuple[float, int]]:
 # ----------------------------------------------------------------------------- driver
 
 
+def bare_cmd(ns: argparse.Namespace, backend: str, model: Path, data: Path, steps: int,
+             warm: int, result: Path) -> list[str]:
+    """The command line of one bare run (``speed.py bare``) on the driver's batch shape."""
+    return [sys.executable, str(Path(__file__).resolve()), "bare", "--backend", backend,
+            "--model-dir", str(model), "--data", str(data), "--seq", str(ns.seq), "--mb",
+            str(ns.mb), "--accum", str(ns.accum), "--steps", str(steps), "--warm", str(warm),
+            "--result", str(result)]
+
+
 def run_driver(ns: argparse.Namespace) -> int:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -440,10 +449,7 @@ def run_driver(ns: argparse.Namespace) -> int:
             # them on disk; without this, whichever runner goes first pays for the others.
             t0 = time.time()
             subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "bare", "--backend", "unsloth",
-                 "--model-dir", str(mdir), "--data", str(data), "--seq", str(ns.seq), "--mb",
-                 str(ns.mb), "--accum", str(ns.accum), "--steps", "3", "--warm", "1",
-                 "--result", str(work / f"{shape}-prewarm.json")],
+                bare_cmd(ns, "unsloth", mdir, data, 3, 1, work / f"{shape}-prewarm.json"),
                 cwd=work, env=os.environ | OFFLINE_ENV, capture_output=True, text=True,
                 timeout=300,
             )
@@ -467,10 +473,7 @@ def run_driver(ns: argparse.Namespace) -> int:
             else:
                 backend, _, variant = runner.partition("+")
                 res = work / f"{shape}-{runner}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), "bare", "--backend",
-                       backend, "--model-dir", str(mdir), "--data", str(data), "--seq",
-                       str(ns.seq), "--mb", str(ns.mb), "--accum", str(ns.accum), "--steps",
-                       str(steps), "--warm", str(ns.warm), "--result", str(res)]
+                cmd = bare_cmd(ns, backend, mdir, data, steps, ns.warm, res)
                 cmd += [f"--{v}" for v in variant.split("+") if v]
                 if profile:
                     cmd += ["--profile", str(profile)]

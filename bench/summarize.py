@@ -42,6 +42,12 @@ def median_step_rate(r: dict[str, Any], warm: int = 5) -> float | None:
     return float(micro * accum * r["seq"]) / statistics.median(after)
 
 
+def median(rows: list[dict[str, Any]], key: str = "", warm: int = 5) -> float | None:
+    """Median over repetitions of the field ``key``, or of the median-step rate without one."""
+    vals = [v for v in (r.get(key) if key else median_step_rate(r, warm) for r in rows) if v]
+    return statistics.median(vals) if vals else None
+
+
 def peak(r: dict[str, Any]) -> float:
     """Peak reserved bytes: the bare script's own, or the run's gauge for ``qlora run``."""
     return float(
@@ -84,19 +90,12 @@ def ratios(rows: list[dict[str, Any]], warm: int) -> None:
             if r["shape"] == shape:
                 by.setdefault(r["runner"], []).append(r)
 
-        def med(runner: str, key: str, by: dict[str, list[dict[str, Any]]] = by) -> float | None:
-            vals = [v for v in (x.get(key) for x in by.get(runner, [])) if v]
-            return statistics.median(vals) if vals else None
-
-        def step(runner: str, by: dict[str, list[dict[str, Any]]] = by) -> float | None:
-            vals = [v for v in (median_step_rate(x, warm) for x in by.get(runner, [])) if v]
-            return statistics.median(vals) if vals else None
-
         print(f"{shape} (repetitions: " + ", ".join(f"{k} {len(v)}" for k, v in by.items()) + ")")
         for a, b in (("qlora", "unsloth"), ("qlora", "hf"), ("unsloth", "hf")):
-            wa, wb = med(a, "steady_tokens_per_s"), med(b, "steady_tokens_per_s")
-            sa, sb = step(a), step(b)
-            ta, tb = med(a, "tokens_per_s"), med(b, "tokens_per_s")
+            ra, rb = by.get(a, []), by.get(b, [])
+            wa, wb = median(ra, "steady_tokens_per_s"), median(rb, "steady_tokens_per_s")
+            sa, sb = median(ra, warm=warm), median(rb, warm=warm)
+            ta, tb = median(ra, "tokens_per_s"), median(rb, "tokens_per_s")
             if not (wa and wb):
                 continue
             print(

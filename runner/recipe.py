@@ -36,7 +36,7 @@ from typing import Any
 from runner import __version__
 from runner.errors import ExitCode, PlanError, RunnerError
 from runner.job_metrics import JobMetrics
-from runner.plan.types import Plan
+from runner.plan.types import GIB, MIB, Plan
 from runner.settings import Settings, load_settings
 from runner.spec import RUN_SPEC_HINT, JobSpec, load_spec, resolve_spec_path, spec_hash
 from runner.train.preemption import PreemptionGuard
@@ -391,11 +391,11 @@ def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | Non
         "planned for this %s (%d MiB): %s, micro batch %d x accumulation %d, estimated peak "
         "%.1f GiB",
         name,
-        total // 2**20,
+        total // MIB,
         plan.quant_mode,
         plan.micro_batch_size,
         plan.gradient_accumulation_steps,
-        plan.vram_estimate_bytes / 2**30,
+        plan.vram_estimate_bytes / GIB,
         extra={"plan": json.loads(plan.to_json())},
     )
     return plan
@@ -423,7 +423,7 @@ def estimate_without_plan(
         return None
     log.info(
         "estimated peak GPU memory %.1f GiB (%s, %s, micro batch %d; no plan.json)",
-        found.total_bytes / 2**30,
+        found.total_bytes / GIB,
         backend,
         quant_mode,
         micro_batch,

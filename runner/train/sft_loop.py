@@ -76,6 +76,20 @@ def to_dataset(
     return dataset_cls.from_dict(columns)
 
 
+def trainer_datasets(
+    dataset_cls: Any,
+    train: Sequence[TokenizedExample],
+    eval_data: Sequence[TokenizedExample] | None,
+    shape: BatchShape,
+) -> tuple[Any, Any]:
+    """The ``train_dataset`` and ``eval_dataset`` (None without held-out rows) for TRL."""
+
+    def make(rows: Sequence[TokenizedExample]) -> Any:
+        return to_dataset(dataset_cls, rows, completion_only_loss=shape.completion_only_loss)
+
+    return make(train), make(eval_data) if eval_data else None
+
+
 def run_trainer(
     trainer: Any,
     eval_data: Sequence[TokenizedExample] | None,

@@ -24,7 +24,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
-from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, to_dataset
+from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +210,12 @@ class TransformersBackend:
             use_cpu=not cuda,
         )
         trainer_cls = SFTTrainer if cuda else _cpu_trainer_class(SFTTrainer)
+        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape)
         trainer = trainer_cls(
             model=session.model,
             args=config,
-            train_dataset=to_dataset(
-                Dataset, train, completion_only_loss=shape.completion_only_loss
-            ),
-            eval_dataset=to_dataset(
-                Dataset, eval_data, completion_only_loss=shape.completion_only_loss
-            )
-            if eval_data
-            else None,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )

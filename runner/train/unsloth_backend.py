@@ -37,7 +37,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
-from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, to_dataset
+from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
 
 log = logging.getLogger(__name__)
 
@@ -208,16 +208,12 @@ class UnslothBackend:
 
         quiet_progress_bars()
         config = SFTConfig(**unsloth_sft_args(shape, output_dir, session.precision.compute_dtype))
-        train_ds = to_dataset(Dataset, train, completion_only_loss=shape.completion_only_loss)
+        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape)
         trainer = SFTTrainer(
             model=session.model,
             args=config,
             train_dataset=train_ds,
-            eval_dataset=to_dataset(
-                Dataset, eval_data, completion_only_loss=shape.completion_only_loss
-            )
-            if eval_data
-            else None,
+            eval_dataset=eval_ds,
             processing_class=session.tokenizer,
             callbacks=list(callbacks),
         )
