@@ -127,7 +127,11 @@ def main(argv: list[str]) -> int:
     dirs = [Path(a) for a in argv] or sorted((HERE / "speed").glob("run*"))
     for d in dirs:
         path = d / "results.jsonl" if d.is_dir() else d
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            print(f"{path}: cannot read the results: {e}", file=sys.stderr)
+            return 2
         env_path = path.parent / "env.json"
         env = json.loads(env_path.read_text()) if env_path.exists() else {}
         warm = 5
