@@ -325,7 +325,9 @@ def _run(
     if held is not None:
         phase.enter(Phase.EVALUATING, rows=len(held.rows), split=held.split)
         with cuda_oom_as_error("evaluation"):
-            evaluation = _evaluate(body, held, reloaded, template, max_len, work)
+            evaluation = _evaluate(
+                body, held, reloaded, template, max_len, work, decided.shape.micro_batch_size
+            )
         metrics.metrics.set_evaluation(evaluation)
     del reloaded
     release_device_memory()
@@ -377,11 +379,17 @@ def _eval_rows(body: Any, fetcher: Any) -> Any:
 
 
 def _evaluate(
-    body: Any, held: Any, session: Any, template: str | None, max_len: int, work: Path
+    body: Any,
+    held: Any,
+    session: Any,
+    template: str | None,
+    max_len: int,
+    work: Path,
+    micro_batch: int,
 ) -> dict[str, Any]:
     """Score base and adapter on the held-out rows; the report as a dict (also on disk)."""
     from runner.train.eval_stats import GateRule
-    from runner.train.evaluate import build_items, evaluate, resolve_scoring
+    from runner.train.evaluate import build_items, eval_batch_size, evaluate, resolve_scoring
 
     spec = body.evaluation
     scoring = resolve_scoring(held.rows, body.dataset, spec.scoring, spec.choices_field)
@@ -395,7 +403,13 @@ def _evaluate(
         choices_field=spec.choices_field,
     )
     rule = GateRule(spec.gate.loss, spec.gate.accuracy, spec.gate.confidence)
-    report = evaluate(session, items, scoring=scoring, rule=rule, split=held.split)
+    # Scoring keeps fp32 logits and their log-softmax; the batch is cut so that stays within
+    # the bf16 logits of one training micro batch, which the estimate's loss term holds.
+    vocab = int(getattr(session.model.config, "vocab_size", 0) or 1)
+    batch = eval_batch_size(micro_batch, max_len, vocab, micro_batch * max_len * vocab * 2)
+    report = evaluate(
+        session, items, scoring=scoring, rule=rule, split=held.split, batch_size=batch
+    )
     out = {**report.as_dict(), "summary": report.summary(), "held_out": held.record}
     (work / EVAL_REPORT).write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out
