@@ -87,9 +87,11 @@ def test_tiny_run_learns_verifies_and_publishes(
         "preflight",
         "training",
         "verifying",
+        "evaluating",
         "publishing",
         "succeeded",
     ]
+    assert manifest["evaluation"]["gate"]["passed"], manifest["evaluation"]
 
     rc, out, err = run_cli(capsys, "verify", f"file://{store}/tiny")
     assert rc == 0, err
