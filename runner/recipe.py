@@ -161,6 +161,9 @@ def _run(
 
     # 1. loading
     phase.enter(Phase.LOADING, spec=spec_path)
+    from runner.train.speedups import apply_compile_cache_env
+
+    apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     run_id = new_run_id(spec_hash(job))
     metrics.open(job, run_id)
@@ -214,7 +217,7 @@ def _run(
         extra={"preflight": report.as_dict()},
     )
 
-    if plan is not None:  # the real lengths may allow a faster layout in the placed class
+    if plan is not None and cuda:  # the real lengths may allow a faster layout in the class
         plan, decided = _replan_with_lengths(job, settings, plan, base.path, train, decided)
         metrics.set_estimate(plan.vram_estimate_bytes)
 

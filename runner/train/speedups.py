@@ -122,12 +122,16 @@ def _flash_available() -> bool:
 
 
 def decoder_layers(model: Any) -> list[Any]:
-    """The model's decoder layers that can be checkpointed, in order."""
-    return [
-        m
-        for m in model.modules()
-        if hasattr(m, "_gradient_checkpointing_func") or type(m).__name__.endswith("DecoderLayer")
-    ]
+    """The model's decoder layers, in order (transformers' ``GradientCheckpointingLayer``s).
+
+    Not every module with a ``gradient_checkpointing`` flag: ``gradient_checkpointing_enable``
+    gives the backbone (``LlamaModel``) one too, and counting it shifted the split by one.
+    """
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: the layers' class names
+        return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _plain_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -136,7 +140,7 @@ def _plain_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 def limit_checkpointing(model: Any, checkpointed_layers: int) -> int:
     """Leave layers ``checkpointed_layers..L-1`` uncheckpointed; returns how many were changed."""
-    layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
+    layers = decoder_layers(model)
     changed = 0
     for layer in layers[checkpointed_layers:]:
         layer._gradient_checkpointing_func = _plain_call
