@@ -144,3 +144,31 @@ def test_estimate_holds_for_the_measured_realistic_data_run() -> None:
     measured = rec["qlora_gpu_memory_peak_reserved_bytes"]
     error = estimate(shape, t).reserved_bytes / measured - 1
     assert -0.05 <= error <= 0.15, error
+
+
+def test_qlora_plan_data_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runner.cli import main
+    from runner.errors import ExitCode
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": "word " * int(n * 0.8)}) + "\n" for n in _lengths(200))
+    )
+    assert main(["plan", str(EXAMPLE), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "largest micro batch:" in out and "characters / 3.6" in out
+    assert main(["plan", str(EXAMPLE), "--data", str(tmp_path / "none.jsonl")]) == (
+        ExitCode.INVALID_INPUT
+    )
+    assert "none.jsonl: no such data file" in capsys.readouterr().err
+
+
+def test_resolve_takes_the_plans_checkpointing() -> None:
+    from runner.train.resolve import resolve
+
+    spec = load_spec(str(EXAMPLE))
+    plan = make_plan(spec, load_settings(), lengths=profile(_lengths(300), 2048, "test"))
+    shape = resolve(spec.spec, plan, cuda=True, bf16=True).shape
+    assert shape.gradient_checkpointing is plan.gradient_checkpointing
+    assert shape.checkpointed_layers == plan.checkpointed_layers
+    assert shape.micro_batch_size == plan.micro_batch_size
