@@ -217,7 +217,9 @@ def _run(
         extra={"preflight": report.as_dict()},
     )
 
-    if plan is not None and cuda:  # the real lengths may allow a faster layout in the class
+    # The real lengths may allow a faster layout in the placed class; an out-of-memory retry
+    # (attempt > 0) keeps the operator's smaller, fully checkpointed layout instead.
+    if plan is not None and cuda and settings.attempt == 0:
         plan, decided = _replan_with_lengths(job, settings, plan, base.path, train, decided)
         metrics.set_estimate(plan.vram_estimate_bytes)
 
