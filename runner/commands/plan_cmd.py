@@ -16,8 +16,8 @@ _EPILOG = """examples:
   qlora plan examples/llama-3.3-70b.yaml --json
   qlora plan examples/llama-3.1-8b.yaml --data train.jsonl
 
-exit codes: 0 planned | 2 invalid spec, model config or --data file | 3 fits no GPU class (the message
-says by how much and which changes would fit) | 5 object storage unreachable
+exit codes: 0 planned | 2 invalid spec, model config or --data file | 3 fits no GPU class
+(the message says by how much and which changes would fit) | 5 object storage unreachable
 """
 
 
