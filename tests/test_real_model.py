@@ -7,7 +7,7 @@ runs are short (a few CPU steps on a slice of the data), enough for the answer f
 learned, which is what moves the held-out loss:
 
 * a short QLoRA run publishes an adapter whose held-out loss is below the base model's beyond
-  noise (the default gate), with the numbers in the manifest;
+  noise (the default loss gate), with the numbers in the manifest;
 * an adapter trained on shuffled answers cannot beat the base model's accuracy, so a gate that
   asks for it (``accuracy: improve``) fails with exit code 4, the numbers in the message and
   in ``evaluation.json``, and nothing published.
@@ -83,7 +83,10 @@ def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_short_qlora_run_lowers_held_out_loss_and_publishes(tmp_path: Path, quartz: Path) -> None:
-    result = recipe.run(str(_spec(tmp_path, quartz, "quartz-ok", quartz / "train.jsonl")))
+    # A few CPU steps teach the answer format, not the task: accuracy on 24 questions can
+    # swing either way (bench/quality/README.md), so this run gates on the loss alone.
+    spec = _spec(tmp_path, quartz, "quartz-ok", quartz / "train.jsonl", accuracy="ignore")
+    result = recipe.run(str(spec))
     ev = result.metadata["evaluation"]
     assert ev["scoring"] == "choices" and ev["rows"] == 24
     assert ev["adapter"]["loss"] < ev["base"]["loss"]
