@@ -68,7 +68,8 @@ class ModelSpec(_Section):
     source: str = Field(
         min_length=1,
         description="Base model: a local directory (absolute or relative), 's3://bucket/prefix', "
-        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision).",
+        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision); "
+        "or a GGUF file ('.gguf', local or s3://), converted once to safetensors and cached.",
         examples=["hf://meta-llama/Llama-3.1-8B-Instruct@0e9e39f", "s3://models/llama-3.1-8b"],
     )
     trust_remote_code: bool = Field(
