@@ -116,7 +116,9 @@ def drive(args: argparse.Namespace) -> int:
         with results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         ev = row.get("evaluation", {})
-        print(f"{name} seed {seed}: {ev.get('summary', row.get('error'))} [{last:.0f}s]", flush=True)
+        print(
+            f"{name} seed {seed}: {ev.get('summary', row.get('error'))} [{last:.0f}s]", flush=True
+        )
     return 0
 
 

@@ -79,8 +79,10 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
             ax.errorbar(
                 x,
                 100 * a["accuracy"],
-                yerr=[[100 * (a["accuracy"] - a["accuracy_low"])],
-                      [100 * (a["accuracy_high"] - a["accuracy"])]],
+                yerr=[
+                    [100 * (a["accuracy"] - a["accuracy_low"])],
+                    [100 * (a["accuracy_high"] - a["accuracy"])],
+                ],
                 fmt="o",
                 color="C0",
                 capsize=3,
