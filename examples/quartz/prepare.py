@@ -30,7 +30,7 @@ def package_dir(name: str, site: Path) -> Path:
     spec = PathFinder.find_spec(name, [str(site)])
     if spec is None or not spec.submodule_search_locations:
         sys.exit(f"prepare: {name} is not installed in {site}; run scripts/tools/real-model.sh")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def quartz_rows(evals_dir: Path) -> list[dict[str, object]]:
