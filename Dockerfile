@@ -34,26 +34,28 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # OS packages first (they change least), then the fixed non-root UID the rendered pods run as
 # and the writable directories they mount emptyDirs on (created so a plain run works too).
-RUN --mount=type=bind,source=scripts/tools/os_packages.sh,target=/run/qlora-build/os_packages.sh \
-    sh /run/qlora-build/os_packages.sh "${EXTRAS}" \
+RUN --mount=type=bind,source=scripts/tools/os_packages.sh,target=/tmp/qlora-os_packages.sh \
+    sh /tmp/qlora-os_packages.sh "${EXTRAS}" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/qlora \
         --shell /usr/sbin/nologin qlora \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/qlora /var/lib/qlora /etc/qlora
 # The dependencies in their own layer, before the source: a change to runner/ rebuilds only the
-# last small layer. pip's settings, CA and local folders are mounted for this step only.
+# last small layer. pip's settings, CA and local folders are mounted for this step only. Every
+# mount target sits directly in /tmp: buildah removes a mount point it created, but not the
+# parent directories it created for it (those would stay in the layer, empty).
 ENV PATH=/opt/venv/bin:$PATH
-RUN --mount=type=secret,id=pip-conf \
-    --mount=type=secret,id=pip-ca \
-    --mount=type=bind,from=pip-local-0,target=/run/pip/local-0 \
-    --mount=type=bind,from=pip-local-1,target=/run/pip/local-1 \
-    --mount=type=bind,from=pip-local-2,target=/run/pip/local-2 \
-    --mount=type=bind,from=pip-local-3,target=/run/pip/local-3 \
-    --mount=type=bind,from=pip-files,target=/run/pip/files \
-    --mount=type=bind,source=pyproject.toml,target=/run/qlora-build/pyproject.toml \
-    --mount=type=bind,source=scripts/tools/pyproject_requirements.py,target=/run/qlora-build/requirements.py \
-    if [ -s /run/secrets/pip-conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip-conf; fi \
+RUN --mount=type=secret,id=pip-conf,target=/tmp/pip-conf \
+    --mount=type=secret,id=pip-ca,target=/tmp/pip-ca \
+    --mount=type=bind,from=pip-local-0,target=/tmp/pip-local-0 \
+    --mount=type=bind,from=pip-local-1,target=/tmp/pip-local-1 \
+    --mount=type=bind,from=pip-local-2,target=/tmp/pip-local-2 \
+    --mount=type=bind,from=pip-local-3,target=/tmp/pip-local-3 \
+    --mount=type=bind,from=pip-files,target=/tmp/pip-files \
+    --mount=type=bind,source=pyproject.toml,target=/tmp/qlora-pyproject.toml \
+    --mount=type=bind,source=scripts/tools/pyproject_requirements.py,target=/tmp/qlora-requirements.py \
+    if [ -s /tmp/pip-conf ]; then export PIP_CONFIG_FILE=/tmp/pip-conf; fi \
     && python3 -m venv /opt/venv \
-    && python3 /run/qlora-build/requirements.py /run/qlora-build/pyproject.toml "${EXTRAS}" >/tmp/requirements.txt \
+    && python3 /tmp/qlora-requirements.py /tmp/qlora-pyproject.toml "${EXTRAS}" >/tmp/requirements.txt \
     && echo "setuptools>=69" >>/tmp/requirements.txt \
     && echo "${TORCH}" >/tmp/torch.txt \
     && if [ -n "${TORCH}" ]; then \
@@ -63,10 +65,13 @@ RUN --mount=type=secret,id=pip-conf \
     && pip install --no-cache-dir --disable-pip-version-check -c /tmp/torch.txt -r /tmp/requirements.txt \
     && rm -rf /tmp/requirements.txt /tmp/torch.txt
 # The package itself, built from a copy of the bind-mounted source (the build writes beside it).
-RUN --mount=type=bind,source=pyproject.toml,target=/run/qlora-build/src/pyproject.toml \
-    --mount=type=bind,source=README.md,target=/run/qlora-build/src/README.md \
-    --mount=type=bind,source=runner,target=/run/qlora-build/src/runner \
-    cp -r /run/qlora-build/src /tmp/src \
+RUN --mount=type=bind,source=pyproject.toml,target=/tmp/qlora-src-pyproject.toml \
+    --mount=type=bind,source=README.md,target=/tmp/qlora-src-README.md \
+    --mount=type=bind,source=runner,target=/tmp/qlora-src-runner \
+    mkdir /tmp/src \
+    && cp /tmp/qlora-src-pyproject.toml /tmp/src/pyproject.toml \
+    && cp /tmp/qlora-src-README.md /tmp/src/README.md \
+    && cp -r /tmp/qlora-src-runner /tmp/src/runner \
     && pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation /tmp/src \
     && rm -rf /tmp/src \
     && qlora --version

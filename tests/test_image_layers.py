@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -111,7 +112,9 @@ def test_config_and_history_carry_no_pip_settings(
     values, _ = host_pip_files()
     local = [v for v in values if v.startswith(("/", "file://"))]
     assert local, "pip here names no local file or folder: the check below would be vacuous"
-    history = podman(qlora_image, "history", "--no-trunc", "--format", "{{.CreatedBy}}", qlora_image.ref)
+    history = podman(
+        qlora_image, "history", "--no-trunc", "--format", "{{.CreatedBy}}", qlora_image.ref
+    )
     assert history.returncode == 0, history.stderr
     config = json.dumps(inspect["Config"])
     for value in local:
@@ -184,6 +187,10 @@ def test_tiny_job_trains_verifies_and_publishes_inside_the_image(
     spec_dir = tmp_path / "spec"
     spec_dir.mkdir()
     (spec_dir / "job.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    model = tmp_path / "model"  # a readable copy: pytest's temporary folders are 0700
+    shutil.copytree(tiny_model_dir, model)
+    for p in [model, *model.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out_dir.chmod(0o777)  # written by UID 10001 inside
@@ -193,7 +200,7 @@ def test_tiny_job_trains_verifies_and_publishes_inside_the_image(
             qlora_image,
             "-e", "HF_HUB_OFFLINE=1",
             "-v", f"{spec_dir}:{manifests.CONFIG_MOUNT_DIR}:ro",
-            "-v", f"{tiny_model_dir}:/models/tiny:ro",
+            "-v", f"{model}:/models/tiny:ro",
             "-v", f"{REPO / 'examples' / 'data'}:/data:ro",
             "-v", f"{out_dir}:/out",
             qlora_image.ref,
@@ -206,5 +213,8 @@ def test_tiny_job_trains_verifies_and_publishes_inside_the_image(
     assert summary["steps"] == 20
     published = {p.name for p in (out_dir / "tiny").rglob("*") if p.is_file()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= published, published
-    manifest = next((out_dir / "tiny").rglob("manifest.json"))
-    assert json.loads(manifest.read_text())["verification"]["weight_update"]["changed_tensors"] > 0
+    uri = summary["manifest_uri"]
+    assert uri.startswith("file:///out/tiny/"), uri
+    manifest = json.loads((out_dir / uri.removeprefix("file:///out/")).read_text())
+    assert manifest["verification"]["weight_update"]["changed_tensors"] > 0
+    assert (out_dir / "tiny" / "latest.json").is_file()

@@ -14,11 +14,11 @@ translates it into ``podman build`` arguments:
   recorded in the image history, and an index URL may carry credentials);
 * the CA bundle (``cert``) is the build secret ``pip-ca``;
 * each local package folder is a named build context ``pip-local-N``, which the Dockerfile
-  mounts with ``RUN --mount=type=bind,from=pip-local-N`` at ``/run/pip/local-N``; a ``file://``
+  mounts with ``RUN --mount=type=bind,from=pip-local-N`` at ``/tmp/pip-local-N``; a ``file://``
   index is mounted from its parent folder, since simple indexes link to files beside them
   (``../../files/...``);
 * small local files (constraints, requirements) are copied into one generated context
-  ``pip-files`` (mounted at ``/run/pip/files``).
+  ``pip-files`` (mounted at ``/tmp/pip-files``).
 
 Unused slots are given an empty folder, so the Dockerfile's mounts always resolve. The
 arguments are printed NUL-separated for ``read -d ''``. Exit 2 with a ``key: message`` line when
@@ -38,9 +38,9 @@ from urllib.parse import unquote, urlparse
 
 # Must match the pip-local-N stages and mounts in the Dockerfile.
 LOCAL_SLOTS = 4
-IN_BUILD_LOCAL = "/run/pip/local-{n}"
-IN_BUILD_FILES = "/run/pip/files"
-IN_BUILD_CA = "/run/secrets/pip-ca"
+IN_BUILD_LOCAL = "/tmp/pip-local-{n}"
+IN_BUILD_FILES = "/tmp/pip-files"
+IN_BUILD_CA = "/tmp/pip-ca"
 # Settings naming local folders or URLs (several values separated by whitespace).
 LOCATION_KEYS = {"find-links", "index-url", "extra-index-url"}
 # Settings naming local files copied into the pip-files context.
@@ -105,12 +105,18 @@ class Translator:
             return value  # a remote index: passed on as it is
         path = Path(unquote(url.path) if url.scheme == "file" else value)
         if not path.is_absolute():
-            raise ConfigError(f"{key}: {value!r} is a relative path; pip's settings need absolute ones")
+            raise ConfigError(
+                f"{key}: {value!r} is a relative path; pip's settings need absolute ones"
+            )
         if key == "find-links" and path.is_dir():
             return self.folder(key, path)
         # A simple index (or a single file): mount its parent so relative links resolve.
         inside = self.folder(key, path.parent)
-        return "file://" + inside + "/" + path.name if url.scheme == "file" else inside + "/" + path.name
+        return (
+            "file://" + inside + "/" + path.name
+            if url.scheme == "file"
+            else inside + "/" + path.name
+        )
 
     def file(self, key: str, value: str) -> str:
         path = Path(value)
@@ -171,7 +177,9 @@ def build_args(out_dir: Path, settings: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="scratch folder for generated files")
-    ap.add_argument("--pip", default=f"{sys.executable} -m pip", help="the pip whose config to read")
+    ap.add_argument(
+        "--pip", default=f"{sys.executable} -m pip", help="the pip whose config to read"
+    )
     ns = ap.parse_args(argv)
     try:
         args = build_args(ns.out, read_pip_config(ns.pip.split()))
