@@ -32,10 +32,14 @@ ARG TORCH_INDEX_URL=
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
+# Everything from the build context comes in by COPY, whose cache key is the files' content
+# (buildah does not hash what a RUN bind-mounts from the context, so a bind-mounted source
+# would be reused from cache after it changed). The two small build helpers and the package
+# source stay in /opt/qlora-runner; nothing else of the build does.
+COPY scripts/tools/os_packages.sh scripts/tools/pyproject_requirements.py /opt/qlora-runner/build/
 # OS packages first (they change least), then the fixed non-root UID the rendered pods run as
 # and the writable directories they mount emptyDirs on (created so a plain run works too).
-RUN --mount=type=bind,source=scripts/tools/os_packages.sh,target=/tmp/qlora-os_packages.sh \
-    sh /tmp/qlora-os_packages.sh "${EXTRAS}" \
+RUN sh /opt/qlora-runner/build/os_packages.sh "${EXTRAS}" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /var/cache/qlora \
         --shell /usr/sbin/nologin qlora \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/qlora /var/lib/qlora /etc/qlora
@@ -44,6 +48,7 @@ RUN --mount=type=bind,source=scripts/tools/os_packages.sh,target=/tmp/qlora-os_p
 # mount target sits directly in /tmp: buildah removes a mount point it created, but not the
 # parent directories it created for it (those would stay in the layer, empty).
 ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml /opt/qlora-runner/src/
 RUN --mount=type=secret,id=pip-conf,target=/tmp/pip-conf \
     --mount=type=secret,id=pip-ca,target=/tmp/pip-ca \
     --mount=type=bind,from=pip-local-0,target=/tmp/pip-local-0 \
@@ -51,11 +56,9 @@ RUN --mount=type=secret,id=pip-conf,target=/tmp/pip-conf \
     --mount=type=bind,from=pip-local-2,target=/tmp/pip-local-2 \
     --mount=type=bind,from=pip-local-3,target=/tmp/pip-local-3 \
     --mount=type=bind,from=pip-files,target=/tmp/pip-files \
-    --mount=type=bind,source=pyproject.toml,target=/tmp/qlora-pyproject.toml \
-    --mount=type=bind,source=scripts/tools/pyproject_requirements.py,target=/tmp/qlora-requirements.py \
     if [ -s /tmp/pip-conf ]; then export PIP_CONFIG_FILE=/tmp/pip-conf; fi \
     && python3 -m venv /opt/venv \
-    && python3 /tmp/qlora-requirements.py /tmp/qlora-pyproject.toml "${EXTRAS}" >/tmp/requirements.txt \
+    && python3 /opt/qlora-runner/build/pyproject_requirements.py /opt/qlora-runner/src/pyproject.toml "${EXTRAS}" >/tmp/requirements.txt \
     && echo "setuptools>=69" >>/tmp/requirements.txt \
     && echo "${TORCH}" >/tmp/torch.txt \
     && if [ -n "${TORCH}" ]; then \
@@ -64,14 +67,10 @@ RUN --mount=type=secret,id=pip-conf,target=/tmp/pip-conf \
     fi \
     && pip install --no-cache-dir --disable-pip-version-check -c /tmp/torch.txt -r /tmp/requirements.txt \
     && rm -rf /tmp/requirements.txt /tmp/torch.txt
-# The package itself, built from a copy of the bind-mounted source (the build writes beside it).
-RUN --mount=type=bind,source=pyproject.toml,target=/tmp/qlora-src-pyproject.toml \
-    --mount=type=bind,source=README.md,target=/tmp/qlora-src-README.md \
-    --mount=type=bind,source=runner,target=/tmp/qlora-src-runner \
-    mkdir /tmp/src \
-    && cp /tmp/qlora-src-pyproject.toml /tmp/src/pyproject.toml \
-    && cp /tmp/qlora-src-README.md /tmp/src/README.md \
-    && cp -r /tmp/qlora-src-runner /tmp/src/runner \
+# The package itself, built from a copy in /tmp (the build writes beside the source).
+COPY README.md /opt/qlora-runner/src/
+COPY runner /opt/qlora-runner/src/runner
+RUN cp -r /opt/qlora-runner/src /tmp/src \
     && pip install --no-cache-dir --disable-pip-version-check --no-deps --no-build-isolation /tmp/src \
     && rm -rf /tmp/src \
     && qlora --version

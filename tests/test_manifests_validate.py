@@ -26,9 +26,9 @@ from runner.k8s.operator import RBAC_RULES
 from runner.plan import Plan, bundled_config, load_gpu_classes, make_plan
 from runner.settings import Settings
 from runner.spec import ModelSourceKind, load_spec, validate_document
-from tests.kueue_schema import KUEUE_KINDS, check_kueue
 from tests.conftest import require_binary
 from tests.image_refs import has_registry_host, image_refs
+from tests.kueue_schema import KUEUE_KINDS, check_kueue
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"

@@ -98,7 +98,7 @@ def test_absolute_paths_pass_only_when_the_user_says_they_are_mounted(
     rc, out, err = run(
         capsys, "render", str(spec), "--model-config", "llama-3.1-8b", "--allow-local-paths"
     )
-    assert rc == 0, err
+    assert rc == 0 and "file:///data/adapters" in out, err
     relative = write(tmp_path, edit(spec__output__uri="file://out"), "rel.yaml")
     rc, _, err = run(
         capsys, "render", str(relative), "--model-config", "llama-3.1-8b", "--allow-local-paths"
@@ -167,7 +167,8 @@ def test_pod_requests_the_disk_its_plan_needs(tmp_path: Path) -> None:
     request = pod["containers"][0]["resources"]["requests"]["ephemeral-storage"]
     assert int(request.removesuffix("Mi")) == mib["tmp"] + mib["cache"] + mib["work"]
     # an hf:// model lands in the cache instead
-    hf = volume_sizes(load_spec(write(tmp_path, edit(spec__model__source="hf://org/m"), "h.yaml")), plan)
+    hf_spec = load_spec(write(tmp_path, edit(spec__model__source="hf://org/m"), "h.yaml"))
+    hf = volume_sizes(hf_spec, plan)
     assert hf.cache > download > hf.work
 
 
