@@ -51,16 +51,16 @@ def flavors_from_values(doc: Any, memory_label: str, *, source: str) -> list[Fla
 def _matches(expression: Mapping[str, Any], value: str) -> bool:
     op, values = expression["operator"], expression.get("values", [])
     if op == "In":
-        return value in values
+        return bool(value in values)
     if op == "NotIn":
-        return value not in values
+        return bool(value not in values)
     if op in {"Gt", "Lt"}:
         try:
             number, bound = int(value), int(values[0])
         except (ValueError, IndexError):
             return False
         return number > bound if op == "Gt" else number < bound
-    return op == "Exists"
+    return bool(op == "Exists")
 
 
 def usable(flavor: Flavor, plan: Plan, memory_label: str) -> bool:
