@@ -7,6 +7,7 @@ import json
 import sys
 
 from runner.errors import ExitCode, SpecError
+from runner.k8s.manifests import label_problems
 from runner.spec import json_schema, load_spec, spec_hash
 
 
@@ -40,6 +41,13 @@ def _validate(args: argparse.Namespace) -> int:
             failed.append(e)
             print(f"error: {e.message}", file=sys.stderr)
             for line in e.details:
+                print(line, file=sys.stderr)
+            continue
+        labels = label_problems(spec)
+        if labels:
+            failed.append(SpecError(f"{f}: invalid metadata.labels", labels))
+            print(f"error: {f}: invalid metadata.labels", file=sys.stderr)
+            for line in labels:
                 print(line, file=sys.stderr)
             continue
         print(f"{f}: ok ({spec.metadata.name}, spec hash {spec_hash(spec)[:12]})")
