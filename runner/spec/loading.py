@@ -185,6 +185,13 @@ def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+# Messages for the strict types of runner.spec.model, naming the fix.
+_STRICT_MESSAGES = {
+    "bool_type": "must be true or false, unquoted (a YAML/JSON boolean; 'yes', 'on', 1 and "
+    "quoted strings are not booleans)",
+    "int_type": "must be a whole number, unquoted (not a string, a boolean or a decimal)",
+}
+
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -327,6 +334,13 @@ def _format_errors(e: ValidationError, doc: object) -> list[str]:
                 msg += f"; allowed: {', '.join(allowed)}"
         elif kind == "missing":
             msg = "required field is missing"
+        elif kind in _STRICT_MESSAGES:
+            msg = _STRICT_MESSAGES[kind]
+            if path.endswith("trust_remote_code"):
+                msg += "; remote code runs only with trust_remote_code: true"
+            got = err.get("input")
+            if isinstance(got, str | int | float | bool) and len(repr(got)) < 80:
+                msg += f" (got {got!r})"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and kind not in {"value_error", "assertion_error"}:
