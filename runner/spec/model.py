@@ -334,8 +334,8 @@ class TrainingSpec(_Section):
     checkpoint_every_steps: StrictInt | None = Field(
         None, ge=1, description="Write a resumable checkpoint every N optimizer steps."
     )
-    checkpoint_every_minutes: Real | None = Field(
-        30.0, gt=0, description="Write a resumable checkpoint at least this often (minutes)."
+    checkpoint_every_minutes: Annotated[float, Field(gt=0), BeforeValidator(_real)] | None = Field(
+        30.0, description="Write a resumable checkpoint at least this often (minutes)."
     )
     logging_steps: StrictInt = Field(1, ge=1, description="Log loss and throughput every N steps.")
 
