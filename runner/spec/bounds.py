@@ -102,7 +102,7 @@ class _BoundedComposer(yaml.composer.Composer):
                 "spec is a short document: remove repeated anchors/aliases or generated content",
             )
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102
+    def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         self._path.append(_part(parent, index))
         try:
@@ -131,14 +131,15 @@ class _BoundedComposer(yaml.composer.Composer):
                     f"nested deeper than {self.limits.max_depth} levels; a job spec is about "
                     "4 levels deep",
                 )
-        elif isinstance(event, yaml.events.ScalarEvent):
-            if len(event.value) > self.limits.max_scalar_chars:
-                self._stop(
-                    event,
-                    f"a value of {len(event.value)} characters (limit "
-                    f"{self.limits.max_scalar_chars}); put large content in a file the spec "
-                    "names",
-                )
+        elif (
+            isinstance(event, yaml.events.ScalarEvent)
+            and len(event.value) > self.limits.max_scalar_chars
+        ):
+            self._stop(
+                event,
+                f"a value of {len(event.value)} characters (limit "
+                f"{self.limits.max_scalar_chars}); put large content in a file the spec names",
+            )
         before = self._nodes
         self._count(1, event)
         node = super().compose_node(parent, index)
@@ -210,9 +211,7 @@ def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> objec
         SpecError: a limit is crossed (``source:line N: message``), or the text is not YAML.
     """
     check_size(len(text.encode("utf-8", "surrogatepass")), source, limits)
-    loader: Any = (
-        _FastLoader(text, limits) if _FastParser is not None else _PyLoader(text, limits)
-    )
+    loader: Any = _FastLoader(text, limits) if _FastParser is not None else _PyLoader(text, limits)
     try:
         return loader.get_single_data()
     except _LimitExceeded as e:

@@ -97,9 +97,7 @@ def decode_spec_bytes(raw: bytes, source: str) -> str:
         SpecError: the bytes are UTF-16/32 or not valid UTF-8, naming the byte offset.
     """
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
-        raise SpecError(
-            f"{source}: the spec is UTF-16 or UTF-32 encoded; save it as UTF-8"
-        )
+        raise SpecError(f"{source}: the spec is UTF-16 or UTF-32 encoded; save it as UTF-8")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

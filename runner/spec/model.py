@@ -28,9 +28,9 @@ before any of this runs: :mod:`runner.spec.bounds`.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
-import math
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -238,7 +238,9 @@ class LoraSpec(_Section):
     dropout: Real = Field(
         0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 lets Unsloth use its fast path)."
     )
-    use_rslora: StrictBool = Field(False, description="Rank-stabilised LoRA (scaling = alpha / sqrt r).")
+    use_rslora: StrictBool = Field(
+        False, description="Rank-stabilised LoRA (scaling = alpha / sqrt r)."
+    )
     target_modules: list[Annotated[str, Field(pattern=_MODULE_RE)]] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
