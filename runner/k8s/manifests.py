@@ -33,6 +33,7 @@ import yaml
 
 from runner import __version__
 from runner.errors import ExitCode, SpecError
+from runner.deadline import DEADLINE_ENV
 from runner.k8s import names
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
@@ -60,6 +61,7 @@ FAIL_JOB_EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode.VERIFICATION_FAILED,  # the adapter did not train; the same seed would repeat it
     ExitCode.CUDA_OOM,  # the plan was wrong: re-plan with a smaller micro batch, not retry
     ExitCode.MISSING_DEPENDENCY,  # the image lacks an extra
+    ExitCode.DEADLINE_EXCEEDED,  # activeDeadlineSeconds is used up: the Job has failed anyway
 )
 IGNORE_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.PREEMPTED,)
 
@@ -320,6 +322,10 @@ def _pod_spec(
         "containers": [_container(spec, plan, settings)],
         "volumes": _volumes(plan, config_map_name),
     }
+    # The runner tells a deadline's SIGTERM from preemption by it (runner.train.preemption).
+    pod["containers"][0]["env"].append(
+        {"name": DEADLINE_ENV, "value": str(active_deadline_s(plan, policy))}
+    )
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
