@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 
 from runner import __version__
-from runner.errors import ExitCode, SpecError
 from runner.deadline import DEADLINE_ENV
+from runner.errors import ExitCode, SpecError
 from runner.k8s import names
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
