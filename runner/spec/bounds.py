@@ -18,11 +18,17 @@ Two gates, the same limits (:class:`Limits`):
 
 Every crossed limit is a :class:`runner.errors.SpecError` (exit code 2) with one
 ``path: message`` line naming the limit and the fix.
+
+Scalars are resolved as in YAML 1.2, not PyYAML's YAML 1.1, in two places that matter: only
+``true``/``false`` (any case) are booleans, so an unquoted ``yes``, ``on`` or ``y`` stays a
+string and a boolean field rejects it (nothing but a literal ``true`` turns remote code on);
+and ``2e-4`` is a number, as every YAML 1.2 and JSON reader takes it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,16 +165,35 @@ class _Constructor(yaml.constructor.SafeConstructor):
     """SafeConstructor; a mapping is built once per node, never re-walked for merges."""
 
 
+class _Resolver(yaml.resolver.Resolver):
+    """YAML 1.2 booleans (``true``/``false`` only) and exponent floats without a dot."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Resolver.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+_Resolver.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Resolver.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 if _FastParser is not None:
 
     class _FastLoader(  # type: ignore[misc]
-        _BoundedComposer, _FastParser, _Constructor, yaml.resolver.Resolver
+        _BoundedComposer, _FastParser, _Constructor, _Resolver
     ):
         def __init__(self, stream: str, limits: Limits) -> None:
             _FastParser.__init__(self, stream)
             yaml.composer.Composer.__init__(self)
             _Constructor.__init__(self)
-            yaml.resolver.Resolver.__init__(self)
+            _Resolver.__init__(self)
             self._init_bounds(limits)
 
 
@@ -178,7 +203,7 @@ class _PyLoader(
     yaml.parser.Parser,
     _BoundedComposer,
     _Constructor,
-    yaml.resolver.Resolver,
+    _Resolver,
 ):
     def __init__(self, stream: str, limits: Limits) -> None:
         yaml.reader.Reader.__init__(self, stream)
@@ -186,7 +211,7 @@ class _PyLoader(
         yaml.parser.Parser.__init__(self)
         yaml.composer.Composer.__init__(self)
         _Constructor.__init__(self)
-        yaml.resolver.Resolver.__init__(self)
+        _Resolver.__init__(self)
         self._init_bounds(limits)
 
 
