@@ -155,10 +155,32 @@ class _BoundedComposer(yaml.composer.Composer):
                 self.limits.max_items
             ):
                 self._stop(event, f"a mapping with more than {self.limits.max_items} keys")
+            if isinstance(node, yaml.nodes.MappingNode):
+                _check_unique_keys(node)
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
             self._anchor_sizes[str(anchor)] = self._nodes - before
         return node
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (PyYAML would silently keep the last)."""
+
+
+def _check_unique_keys(node: yaml.nodes.MappingNode) -> None:
+    seen: dict[str, yaml.nodes.Node] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.nodes.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        if key.value in seen:
+            raise DuplicateKeyError(
+                None,
+                None,
+                f"duplicate key '{str(key.value)[:80]}' (first on line "
+                f"{seen[key.value].start_mark.line + 1}); a key may appear once",
+                key.start_mark,
+            )
+        seen[key.value] = key
 
 
 class _Constructor(yaml.constructor.SafeConstructor):
