@@ -97,8 +97,10 @@ class Settings(BaseSettings):
         if value is None:
             return None
         if not _HTTP_URL_RE.fullmatch(value):
+            # Never echoed when it may carry a user or password (settings errors are logged).
+            shown = "the value" if "@" in value else repr(value)
             raise ValueError(
-                f"{value!r} is not an http:// or https:// URL (host[:port][/path], no user "
+                f"{shown} is not an http:// or https:// URL (host[:port][/path], no user "
                 "or password in it); credentials come from the AWS environment or a Secret"
             )
         return value

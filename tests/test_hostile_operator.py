@@ -14,7 +14,7 @@ import pytest
 from runner.k8s.operator import Operator
 from runner.spec.bounds import DEFAULT_LIMITS
 from tests.fixtures.kube import ControlPlane
-from tests.test_k8s_operator import cond, create_ftj, crd, example, operator, wait_status
+from tests.test_k8s_operator import cond, crd, create_ftj, example, operator, wait_status
 
 __all__ = ["crd", "operator"]  # fixtures used by name
 
