@@ -371,3 +371,24 @@ def test_real_commands_reject_hostile_files_quickly_and_small(tmp_path: Path, ca
         limit_s = 60 if argv[0] == "run" else 20  # process start-up on a shared 2-core box
         assert took < limit_s, (argv, took)
         assert rss_mib < (1024 if argv[0] == "run" else 256), (argv, rss_mib)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [alias_bomb(9, 10), deep(200, "block"), huge_collection(2000, "sources"), BASE_TEXT],
+    ids=["bomb", "deep", "items", "valid"],
+)
+def test_the_pure_python_parser_keeps_the_same_bounds(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runner.spec import bounds
+
+    def outcome() -> str:
+        try:
+            return repr(bounds.parse_yaml(text, "x.yaml"))
+        except SpecError as e:
+            return "\n".join(e.lines())
+
+    fast = outcome()
+    monkeypatch.setattr(bounds, "_FastParser", None)  # PyYAML built without libyaml
+    assert outcome() == fast

@@ -27,6 +27,7 @@ and ``2e-4`` is a number, as every YAML 1.2 and JSON reader takes it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from dataclasses import dataclass
@@ -44,10 +45,12 @@ import yaml.scanner
 
 from runner.errors import SpecError
 
-try:  # libyaml's parser emits the events ~10x faster; the counting composer stays Python
-    from yaml.cyaml import CParser as _FastParser
-except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    _FastParser = None
+# libyaml's parser emits the events ~10x faster; the counting composer stays Python.
+_FastParser: Any = (
+    getattr(importlib.import_module("yaml.cyaml"), "CParser", None)
+    if yaml.__with_libyaml__
+    else None
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ class _BoundedComposer(yaml.composer.Composer):
             )
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[attr-defined]  # from the parser mixed in
         self._path.append(_part(parent, index))
         try:
             return self._compose_counted(event, parent, index)
@@ -208,9 +211,7 @@ _Resolver.add_implicit_resolver(
 
 if _FastParser is not None:
 
-    class _FastLoader(  # type: ignore[misc]
-        _BoundedComposer, _FastParser, _Constructor, _Resolver
-    ):
+    class _FastLoader(_BoundedComposer, _FastParser, _Constructor, _Resolver):  # type: ignore[misc]
         def __init__(self, stream: str, limits: Limits) -> None:
             _FastParser.__init__(self, stream)
             yaml.composer.Composer.__init__(self)
