@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     work_dir: str = Field(
         ".qlora-work", description="Local scratch directory for downloads and the adapter."
     )
+    model_cache_dir: str | None = Field(
+        None,
+        description="Where a GGUF model source is converted to a safetensors folder, once per "
+        "file content (sha256); outside work_dir so every job reuses it. Default: "
+        "$XDG_CACHE_HOME/qlora-runner/models (~/.cache/qlora-runner/models).",
+    )
     compile_cache_claim: str | None = Field(
         None,
         description="PersistentVolumeClaim mounted into every training pod for the Triton, "
