@@ -174,6 +174,12 @@ def _run(
 
     apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
+    if job.spec.model.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code is true: Python code shipped with %s will run in this process",
+            job.spec.model.source,
+            extra={"trust_remote_code": True, "model_source": job.spec.model.source},
+        )
     run_id = new_run_id(spec_hash(job))
     metrics.open(job, run_id)
     body = job.spec
@@ -352,7 +358,7 @@ def _run(
     meta = {
         "job_name": job.metadata.name,
         "spec_hash": spec_hash(job),
-        "base_model": base.manifest_entry(),
+        "base_model": {**base.manifest_entry(), "trust_remote_code": body.model.trust_remote_code},
         "dataset": {
             **data.manifest_entry(),
             "format": body.dataset.format.value,

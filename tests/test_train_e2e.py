@@ -71,6 +71,8 @@ def test_tiny_run_learns_verifies_and_publishes(
 
     manifest = json.loads(Path(summary["manifest_uri"].removeprefix("file://")).read_text())
     assert manifest["base_model"]["config_sha256"]
+    assert manifest["base_model"]["trust_remote_code"] is False
+    assert '"trust_remote_code": true' not in err
     assert manifest["dataset"]["preflight"]["loss_token_fraction"] > 0.1
     update = manifest["verification"]["weight_update"]
     assert update["changed_tensors"] == update["tensors"] == 28

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "manifest URI, first and last loss) on success.\n\n"
         "exit codes: 0 published | 2 invalid spec or data (preflight) | 4 adapter failed "
         "verification or the quality gate, nothing published | 5 storage | 6 CUDA out of "
-        "memory | 7 preempted, "
-        "checkpoint written | 10 training extra missing\n\n"
+        "memory | 7 preempted, checkpoint written | 10 training extra missing | 11 deadline "
+        "exceeded (SIGTERM at the Job's deadline), checkpoint written\n\n"
         "example: qlora run --spec examples/tiny-cpu.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

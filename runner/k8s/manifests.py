@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from runner import __version__
+from runner.deadline import DEADLINE_ENV
 from runner.errors import ExitCode, SpecError
 from runner.k8s import names
 from runner.k8s.pod_fit import config_map_problems, volume_sizes
@@ -61,6 +62,7 @@ FAIL_JOB_EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode.VERIFICATION_FAILED,  # the adapter did not train; the same seed would repeat it
     ExitCode.CUDA_OOM,  # the plan was wrong: re-plan with a smaller micro batch, not retry
     ExitCode.MISSING_DEPENDENCY,  # the image lacks an extra
+    ExitCode.DEADLINE_EXCEEDED,  # activeDeadlineSeconds is used up: the Job has failed anyway
 )
 IGNORE_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.PREEMPTED,)
 
@@ -333,6 +335,10 @@ def _pod_spec(
         "containers": [_container(spec, plan, settings)],
         "volumes": _volumes(spec, plan, config_map_name) + _compile_cache_volume(settings),
     }
+    # The runner tells a deadline's SIGTERM from preemption by it (runner.train.preemption).
+    pod["containers"][0]["env"].append(
+        {"name": DEADLINE_ENV, "value": str(active_deadline_s(plan, policy))}
+    )
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)

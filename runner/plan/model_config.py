@@ -191,3 +191,23 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
             "config.json (and its weights)"
         )
     return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+
+
+def offline_model_config(spec: JobSpec) -> ModelConfig | None:
+    """The model's config if it is known without any network or object storage, else None.
+
+    Looks at a local model directory, the local Hugging Face cache and the bundled shapes (an
+    ``s3://`` mirror named after its hub id finds its bundled shape). For ``qlora validate``.
+
+    Raises:
+        SpecError: a local ``config.json`` exists but is not a JSON object.
+    """
+    model = spec.spec.model
+    if model.source_kind is ModelSourceKind.S3:
+        return bundled_config("/".join(model.source.rstrip("/").split("/")[-2:]))
+    if model.source_kind is ModelSourceKind.HF:
+        repo, revision = model.hf_repo
+        return _from_hf_cache(repo, revision) or bundled_config(repo)
+    path = Path(model.source)
+    cfg = path / "config.json" if path.is_dir() or not path.suffix else path
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg)) if cfg.is_file() else None
