@@ -75,12 +75,22 @@ def test_base_image_is_an_arg_without_registry_host() -> None:
     (arg,) = [rest for op, rest in instructions() if op == "ARG" and rest.startswith("BASE_IMAGE=")]
     default = arg.split("=", 1)[1]
     first = default.split("/", 1)[0]
-    assert "/" in default and "." not in first and ":" not in first and first != "localhost"
-    assert "cuda" in default and "runtime" in default
-    assert instructions()[1] == ("FROM", "${BASE_IMAGE} AS base")
+    # a plain Debian image: no CUDA base (PyPI's torch wheels bring the CUDA user-space libraries)
+    assert "/" not in default or ("." not in first and ":" not in first and first != "localhost")
+    assert default.startswith(("debian:", "ubuntu:")) and "cuda" not in default
+    assert ("FROM", "${BASE_IMAGE} AS runtime") in instructions()
     refs = image_refs(text())
     assert refs, "the image reference scan found nothing: the test would be vacuous"
     assert not [r for r in refs if has_registry_host(r)], refs
+
+
+def test_gpu_variant_gets_a_compiler_and_python_headers() -> None:
+    """Triton compiles a launcher against Python.h; the GPU extras install both."""
+    script = (REPO / "scripts" / "tools" / "os_packages.sh").read_text(encoding="utf-8")
+    gpu = script[script.index("*,gpu,*)") :]
+    assert "gcc" in gpu and "python3-dev" in gpu and "Python.h" in gpu
+    (extras,) = [rest for op, rest in instructions() if op == "ARG" and rest.startswith("EXTRAS=")]
+    assert extras == "EXTRAS=gpu,k8s"
 
 
 def test_entrypoint_and_non_root_user() -> None:
@@ -110,28 +120,25 @@ def test_oci_labels(label: str) -> None:
     assert f"org.opencontainers.image.{label}=" in labels
 
 
-def test_dependencies_pinned_and_no_caches_left() -> None:
+def test_dependencies_before_source_and_no_caches_left() -> None:
     runs = [rest for op, rest in instructions() if op == "RUN"]
     pip = [r for r in runs if "pip install" in r]
     assert pip and all("--no-cache-dir" in r for r in pip)
-    assert any("[gpu,k8s]" in r for r in pip), "the pinned extras from pyproject.toml"
-    for r in runs:
-        if "apt-get install" in r:
-            assert "rm -rf /var/lib/apt/lists/*" in r and "--no-install-recommends" in r
-            packages = [w for w in r.split() if re.match(r"^[a-z0-9][a-z0-9.+-]+=", w)]
-            assert packages and all("=" in p for p in packages)
+    deps = next(i for i, r in enumerate(runs) if "requirements.txt" in r)
+    package = next(i for i, r in enumerate(runs) if "source=runner" in r)
+    assert deps < package and "source=runner" not in runs[deps] and "--no-deps" in runs[package]
+    # pip's build-host settings come in as mounts only, never as ENV or COPY
+    assert "type=secret,id=pip-conf" in runs[deps] and "type=secret,id=pip-ca" in runs[deps]
     env = " ".join(rest for op, rest in instructions() if op == "ENV")
-    assert "PIP_NO_CACHE_DIR=1" in env
+    assert "PIP_" not in env
+    assert not [rest for op, rest in instructions() if op in {"COPY", "ADD"}]
 
 
-def test_dockerignore_sends_only_the_package() -> None:
+def test_dockerignore_sends_only_what_the_build_mounts() -> None:
     lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
     rules = [x for x in lines if x and not x.startswith("#")]
     assert rules[0] == "*"
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
-    copied = set()
-    for op, rest in instructions():
-        if op == "COPY" and not rest.startswith("--from"):
-            copied |= {Path(p).as_posix().rstrip("/") for p in rest.split()[:-1]}
-    assert copied <= allowed, copied - allowed
+    mounted = set(re.findall(r"type=bind,source=([^,\s]+)", text()))
+    assert mounted and mounted <= allowed, mounted - allowed
     assert {".venv", ".git", "tests"}.isdisjoint(allowed)
