@@ -202,7 +202,16 @@ def _operator(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
     import signal
 
+    from runner.k8s.operator_metrics import HealthServer, OperatorMetrics
+
     # A Deployment rollout sends SIGTERM: finish the reconcile in hand, then leave.
     signal.signal(signal.SIGTERM, lambda *_: op.stop())
-    op.run(max_seconds=args.max_seconds)
+    server = HealthServer(OperatorMetrics(), live=op.live, ready=op.ready,
+                          port=settings.operator_metrics_port,
+                          bind_address=settings.operator_bind_address).start()
+    try:
+        op.run(max_seconds=args.max_seconds)
+    finally:
+        server.stop()
     return int(ExitCode.OK)
+

@@ -94,6 +94,9 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 """The API calls the operator makes, as RBAC rules (see the module docstring)."""
 OOM_EXIT_CODE = int(ExitCode.CUDA_OOM)
 Key = tuple[str, str]
+LIVENESS_BOUND_S = 120.0
+"""A main loop silent for longer than this is wedged: /healthz fails and the kubelet restarts
+the pod."""
 
 
 class Operator:
@@ -126,6 +129,27 @@ class Operator:
         self.planner = planner
         self._queue: queue.Queue[Key] = queue.Queue()
         self._stop = threading.Event()
+        self._listed: set[str] = set()  # watches whose first list has arrived
+        self._watch_count = 3
+        self._beat = time.monotonic()  # the main loop's last tick (liveness)
+        self.leading = True
+
+    # -- health (served by runner.k8s.operator_metrics.HealthServer) -------------------------
+
+    def live(self) -> tuple[bool, str]:
+        """Liveness: the main loop ticked recently."""
+        idle = time.monotonic() - self._beat
+        if self._stop.is_set():
+            return True, "stopping"
+        if idle > LIVENESS_BOUND_S:
+            return False, f"the main loop has not ticked for {idle:.0f} s"
+        return True, "alive"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: every watch has listed its objects (leader and standby alike)."""
+        if len(self._listed) < self._watch_count:
+            return False, f"{len(self._listed)} of {self._watch_count} watches have listed"
+        return True, "leader" if self.leading else "standby"
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -147,7 +171,7 @@ class Operator:
         log.info("operator started", extra={"namespace": self.namespace or "*"})
         next_resync = 0.0
         while not self._stop.is_set():
-            now = time.monotonic()
+            now = self._beat = time.monotonic()
             if deadline is not None and now >= deadline:
                 break
             if now >= next_resync:
@@ -178,6 +202,7 @@ class Operator:
                 items, rv = self.api.list_objects(res, self.namespace, label_selector)
                 for item in items:
                     self._enqueue(item)
+                self._listed.add(res.plural)
                 while not self._stop.is_set():
                     for etype, obj in self.api.watch(
                         res, self.namespace, resource_version=rv,
