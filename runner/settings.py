@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import SpecError
@@ -69,6 +69,63 @@ class Settings(BaseSettings):
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
     )
 
+    # -- the operator (qlora operator): its HTTP endpoint, leader election, work queue ------
+    operator_metrics_port: int = Field(
+        8080, ge=0, le=65535,
+        description="Port of the operator's /healthz, /readyz and /metrics endpoint "
+        "(0: any free port).",
+    )
+    operator_bind_address: str = Field(
+        "0.0.0.0", description="Address the operator's health and metrics endpoint listens on."
+    )
+    operator_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces a namespace-scoped operator watches (a Role in each); empty: "
+        "only QLORA_NAMESPACE. In the environment a JSON list, e.g. '[\"team-a\",\"team-b\"]'.",
+    )
+    operator_leader_election: bool = Field(
+        True, description="Elect one leader through a coordination.k8s.io/v1 Lease; only the "
+        "leader reconciles, the other replicas stand by.",
+    )
+    operator_lease_name: str = Field("qlora-operator", description="Name of the Lease.")
+    operator_lease_namespace: str | None = Field(
+        None, description="Namespace of the Lease: the operator's own (default: "
+        "QLORA_NAMESPACE).",
+    )
+    operator_lease_duration_s: float = Field(
+        15.0, gt=0, description="How long a standby waits after the leader's last renewal "
+        "before it takes over (client-go's default, seconds).",
+    )
+    operator_renew_deadline_s: float = Field(
+        10.0, gt=0, description="How long the leader keeps trying to renew before it stops "
+        "reconciling (seconds; less than the lease duration).",
+    )
+    operator_retry_period_s: float = Field(
+        2.0, gt=0, description="Pause between two tries to acquire or renew the Lease (seconds).",
+    )
+    operator_workers: int = Field(
+        4, ge=1, le=64, description="FineTuneJobs reconciled at the same time."
+    )
+    operator_retry_base_delay_s: float = Field(
+        0.5, gt=0, description="First retry delay of a FineTuneJob whose reconcile failed; "
+        "doubles per failure (seconds).",
+    )
+    operator_retry_max_delay_s: float = Field(
+        300.0, gt=0, description="Cap of the per-FineTuneJob retry delay (seconds).",
+    )
+
+    @model_validator(mode="after")
+    def _leader_timings(self) -> Settings:
+        if not self.operator_lease_duration_s > self.operator_renew_deadline_s \
+                > self.operator_retry_period_s:
+            raise ValueError(
+                "QLORA_OPERATOR_LEASE_DURATION_S > QLORA_OPERATOR_RENEW_DEADLINE_S > "
+                "QLORA_OPERATOR_RETRY_PERIOD_S must hold (client-go's rule), got "
+                f"{self.operator_lease_duration_s:g}, {self.operator_renew_deadline_s:g}, "
+                f"{self.operator_retry_period_s:g}"
+            )
+        return self
+
 
 def load_settings() -> Settings:
     """Settings from the environment.
@@ -82,6 +139,7 @@ def load_settings() -> Settings:
     except ValidationError as e:
         lines = [
             f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            if err["loc"] else str(err["msg"]).removeprefix("Value error, ")
             for err in e.errors(include_url=False)
         ]
         raise SpecError("invalid settings in the QLORA_* environment", lines) from e
