@@ -50,6 +50,11 @@ class Settings(BaseSettings):
         description="Address the /metrics endpoint of a running job listens on "
         "(the port is spec.metrics.port).",
     )
+    host_network: bool = Field(
+        False, description="Run the training pods in the node's network namespace "
+        "(hostNetwork), for clusters whose S3 endpoint or Pushgateway is only on the node's "
+        "own addresses (e.g. a one-node test cluster on 127.0.0.1).",
+    )
     gpu_classes_file: str | None = Field(
         None, description="YAML file with the GPU class table (default: the bundled table)."
     )

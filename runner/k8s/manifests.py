@@ -320,6 +320,9 @@ def _pod_spec(
         "containers": [_container(spec, plan, settings)],
         "volumes": _volumes(plan, config_map_name),
     }
+    if settings.host_network:
+        pod["hostNetwork"] = True
+        pod["dnsPolicy"] = "ClusterFirstWithHostNet"
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
