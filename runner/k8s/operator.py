@@ -59,6 +59,7 @@ from runner.k8s.api import (
     Resource,
     resource_of,
 )
+from runner.k8s.exit_policy import POLICY_REASON, policy_failure, stop_job
 from runner.k8s.manifests import render_objects
 from runner.k8s.quota import no_room
 from runner.k8s.replan import plan_attempt
@@ -364,6 +365,8 @@ class Operator:
                              f"{text}; re-planning (attempt {retries + 1} of "
                              f"{self.max_replans})", gen)
                 return True
+            if progress.reason == POLICY_REASON and job is not None:
+                stop_job(self.api, ns, job_name)  # no podFailurePolicy on this API server
             reason = "OutOfMemory" if code == OOM_EXIT_CODE else progress.reason
             st["completionTime"] = old.get("completionTime") or now_rfc3339()
             conditions = set_condition(conditions, FAILED, True, reason, text, gen)
@@ -414,8 +417,10 @@ class Operator:
 
 
 def job_progress_of(api: Reader, job: Obj) -> Progress:
-    """:func:`runner.k8s.status.job_progress` of a live Job."""
-    return job_progress(job, job_pods(api, job))
+    """:func:`runner.k8s.status.job_progress` of a live Job, with the rendered
+    podFailurePolicy applied where the API server dropped it (:mod:`runner.k8s.exit_policy`)."""
+    pods = job_pods(api, job)
+    return policy_failure(job, pods) or job_progress(job, pods)
 
 
 def job_pods(api: Reader, job: Mapping[str, Any]) -> list[Obj]:
