@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,18 +249,25 @@ def _ftj(c: Cluster, ns: str, name: str) -> dict[str, Any]:
         "GET", f"/apis/qlora-runner.io/v1alpha1/namespaces/{ns}/finetunejobs/{name}"))
 
 
-@pytest.mark.timeout(420)
-def test_helm_chart_operator_runs_a_finetunejob_to_a_verified_adapter(
-    cluster: Cluster, ns: str, s3_server: SeaweedServer, s3_inputs: dict[str, str],
-    tmp_path: Path,
-) -> None:
-    """`helm install`: the operator pod from the image becomes Ready; a FineTuneJob gives a Job
-    whose real pod trains, verifies and publishes; the FineTuneJob is Succeeded with its
-    adapterURI, which `qlora verify` accepts; `qlora status` and `qlora logs` show the pod."""
-    env = _deploy_env(cluster, s3_server, ns, tmp_path)
+@dataclass
+class Release:
+    """The chart installed in its own namespace, with the environment of `qlora` commands."""
+
+    ns: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def operator_release(
+    cluster: Cluster, s3_server: SeaweedServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Release]:
+    """`helm install` of the chart; the operator pod from the image must become Ready."""
+    tmp = tmp_path_factory.mktemp("release")
+    ns = cluster.cp.create_namespace("helm")
+    _wait_service_account(cluster.cp, ns)
+    env = _deploy_env(cluster, s3_server, ns, tmp)
     assert cluster.image
     repo, tag = cluster.image.rsplit(":", 1)
-    classes = yaml.safe_load(_classes_file(tmp_path).read_text())
     api_port = cluster.cp.url.rsplit(":", 1)[1]
     values = {
         "image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
@@ -273,9 +283,9 @@ def test_helm_chart_operator_runs_a_finetunejob_to_a_verified_adapter(
         },
         "jobs": {"hostNetwork": True},
         "s3": {"endpointUrl": s3_server.endpoint_url, "secretName": SECRET_NAME},
-        "gpuClasses": classes,
+        "gpuClasses": yaml.safe_load(_classes_file(tmp).read_text()),
     }
-    values_file = tmp_path / "values.yaml"
+    values_file = tmp / "values.yaml"
     values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
     chart = str(REPO / "helm" / "qlora-runner")
     out = _helm(cluster, "install", "ft", chart, "--namespace", ns, "-f", str(values_file))
@@ -291,38 +301,94 @@ def test_helm_chart_operator_runs_a_finetunejob_to_a_verified_adapter(
             return False
 
         try:
-            cluster.cp.wait_for("the operator pod Ready", operator_ready, 120, 1.0)
+            cluster.cp.wait_for("the operator pod Ready", operator_ready, 150, 1.0)
         except AssertionError as e:
             pods = [(p["metadata"]["name"], p["status"]) for p in cluster.cp.pods(ns)]
             raise AssertionError(f"{e}: {json.dumps(pods)[:3000]}") from e
-
-        spec = yaml.safe_load(_spec(tmp_path, s3_inputs, "viahelm").read_text())
-        spec["metadata"]["namespace"] = ns
-        applied = _kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(spec))
-        assert applied.returncode == 0, applied.stderr
-
-        def finished() -> dict[str, Any] | None:
-            st = _ftj(cluster, ns, "viahelm").get("status") or {}
-            return st if st.get("phase") in ("Succeeded", "Failed") else None
-
-        status = cluster.cp.wait_for("the FineTuneJob to finish", finished, 240, 1.0)
-        assert status["phase"] == "Succeeded", status
-        uri = status["adapterURI"]
-        assert uri.startswith(f"{s3_inputs['output']}/viahelm/runs/"), uri
-        pods = list(cluster.cp.pods(ns, "qlora-runner.io/job=viahelm"))
-        assert pods and pods[0]["status"]["phase"] == "Succeeded"
-        assert pods[0]["spec"]["nodeName"] == NODE_NAME
-
-        verify = _qlora(env, "verify", uri)
-        assert verify.returncode == 0, verify.stderr
-        st = _qlora(env, "status", "viahelm", "--namespace", ns)
-        assert st.returncode == 0 and "Succeeded" in st.stdout, (st.stdout, st.stderr)
-        logs = _qlora(env, "logs", "viahelm", "--namespace", ns)
-        pod_log = _kubectl(cluster, "logs", "-n", ns, pods[0]["metadata"]["name"])
-        assert logs.returncode == 0, logs.stderr
-        assert pod_log.stdout.strip() and pod_log.stdout.strip().splitlines()[-1] in logs.stdout
+        yield Release(ns=ns, env=env)
     finally:
         _helm(cluster, "uninstall", "ft", "--namespace", ns)
+
+
+def _apply_ftj(c: Cluster, rel: Release, spec: Path) -> str:
+    doc = yaml.safe_load(spec.read_text())
+    doc["metadata"]["namespace"] = rel.ns
+    applied = _kubectl(c, "apply", "-f", "-", stdin=yaml.safe_dump(doc))
+    assert applied.returncode == 0, applied.stderr
+    return str(doc["metadata"]["name"])
+
+
+def _wait_ftj(c: Cluster, ns: str, name: str, timeout_s: float = 240) -> dict[str, Any]:
+    def finished() -> dict[str, Any] | None:
+        st = _ftj(c, ns, name).get("status") or {}
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        return dict(c.cp.wait_for(f"FineTuneJob {name} to finish", finished, timeout_s, 1.0))
+    except AssertionError as e:
+        pods = [(p["metadata"]["name"], p["status"]) for p in c.cp.pods(ns)]
+        raise AssertionError(f"{e}: {_ftj(c, ns, name).get('status')}; "
+                             f"{json.dumps(pods)[:3000]}") from e
+
+
+@pytest.mark.timeout(480)
+def test_helm_chart_operator_runs_a_finetunejob_to_a_verified_adapter(
+    cluster: Cluster, operator_release: Release, s3_inputs: dict[str, str], tmp_path: Path,
+) -> None:
+    """A FineTuneJob gives a Job whose real pod trains, verifies and publishes; the
+    FineTuneJob is Succeeded with its adapterURI, which `qlora verify` accepts; `qlora status`
+    and `qlora logs` show the real pod."""
+    rel = operator_release
+    name = _apply_ftj(cluster, rel, _spec(tmp_path, s3_inputs, "viahelm"))
+    status = _wait_ftj(cluster, rel.ns, name)
+    assert status["phase"] == "Succeeded", status
+    uri = status["adapterURI"]
+    assert uri.startswith(f"{s3_inputs['output']}/viahelm/runs/"), uri
+    pods = cluster.cp.pods(rel.ns, f"qlora-runner.io/job={name}")
+    assert pods and pods[0]["status"]["phase"] == "Succeeded"
+    assert pods[0]["spec"]["nodeName"] == NODE_NAME
+
+    verify = _qlora(rel.env, "verify", uri)
+    assert verify.returncode == 0, verify.stderr
+    st = _qlora(rel.env, "status", name, "--namespace", rel.ns)
+    assert st.returncode == 0 and "Succeeded" in st.stdout, (st.stdout, st.stderr)
+    assert pods[0]["metadata"]["name"] in st.stdout, st.stdout
+    logs = _qlora(rel.env, "logs", name, "--namespace", rel.ns)
+    pod_log = _kubectl(cluster, "logs", "-n", rel.ns, pods[0]["metadata"]["name"])
+    assert logs.returncode == 0, logs.stderr
+    last = pod_log.stdout.strip().splitlines()[-1]
+    assert last and last in logs.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_bad_spec_fails_the_finetunejob_without_using_up_retries(
+    cluster: Cluster, operator_release: Release, s3_server: SeaweedServer,
+    s3_inputs: dict[str, str], tmp_path: Path,
+) -> None:
+    """The pod exits 2 (a malformed row). 1.20 drops the rendered podFailurePolicy, so the
+    operator applies it: the FineTuneJob fails with the pod's reason and the Job is stopped
+    after that one pod instead of running it backoffLimit (3) more times."""
+    rel = operator_release
+    bad = DATA.read_text().splitlines()
+    bad[2] = json.dumps({"messages": [{"role": "user", "content": "no answer"}]})
+    s3_server.client().put_object(Bucket=s3_inputs["bucket"], Key="data/bad.jsonl",
+                                  Body=("\n".join(bad) + "\n").encode())
+    inputs = {**s3_inputs, "data": f"s3://{s3_inputs['bucket']}/data/bad.jsonl"}
+    name = _apply_ftj(cluster, rel, _spec(tmp_path, inputs, "badrow"))
+    status = _wait_ftj(cluster, rel.ns, name)
+    assert status["phase"] == "Failed", status
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["reason"] == "PodFailurePolicy" and "exit code 2" in failed["message"], failed
+    job_name = status["jobName"]
+    job = cluster.cp.wait_for("the Job to be failed", lambda: _job_done(cluster, rel.ns,
+                                                                         job_name), 60)
+    assert job["status"].get("failed", 0) < 1 + 3, job["status"]
+    pods = cluster.cp.pods(rel.ns, f"job-name={job_name}")
+    codes = [p["status"]["containerStatuses"][0]["state"].get("terminated", {}).get("exitCode")
+             for p in pods]
+    assert codes and set(codes) == {2}, codes
+    time.sleep(12)  # the Job controller's first retry backoff is 10 s: no new pod comes
+    assert len(cluster.cp.pods(rel.ns, f"job-name={job_name}")) == len(pods)
 
 
 def _render_apply(c: Cluster, env: dict[str, str], spec: Path) -> dict[str, Any]:
