@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "runner.commands.render_cmd",  # render
     "runner.commands.run_cmd",  # run (the container entrypoint)
     "runner.commands.verify_cmd",  # verify
+    "runner.commands.eval_cmd",  # eval
     "runner.commands.kube_cmds",  # submit, status, logs, cancel, operator
 )
 

@@ -87,13 +87,24 @@ def test_tiny_run_learns_verifies_and_publishes(
         "preflight",
         "training",
         "verifying",
+        "evaluating",
         "publishing",
         "succeeded",
     ]
+    assert manifest["evaluation"]["gate"]["passed"], manifest["evaluation"]
 
     rc, out, err = run_cli(capsys, "verify", f"file://{store}/tiny")
     assert rc == 0, err
     assert summary["run_id"] in out
+
+    # qlora eval: the published adapter, verified, re-scored against its base (rows it saw)
+    rc, out, err = run_cli(
+        capsys, "eval", f"file://{store}/tiny", "--data", str(DATA), "--max-rows", "16", "--json"
+    )
+    assert rc == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["run_id"] == summary["run_id"] and report["rows"] == 16
+    assert report["adapter"]["loss"] < report["base"]["loss"] and report["gate"]["passed"]
 
 
 class RestoreInitialLora(transformers.TrainerCallback):  # type: ignore[misc]

@@ -68,7 +68,8 @@ class ModelSpec(_Section):
     source: str = Field(
         min_length=1,
         description="Base model: a local directory (absolute or relative), 's3://bucket/prefix', "
-        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision).",
+        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision); "
+        "or a GGUF file ('.gguf', local or s3://), converted once to safetensors and cached.",
         examples=["hf://meta-llama/Llama-3.1-8B-Instruct@0e9e39f", "s3://models/llama-3.1-8b"],
     )
     trust_remote_code: bool = Field(
@@ -343,6 +344,57 @@ class MetricsSpec(_Section):
     )
 
 
+class QualityGateSpec(_Section):
+    """What the evaluation must show before the adapter is published (else exit 4).
+
+    Each comparison is paired (same rows, base vs adapter) and judged against its noise: the
+    normal-approximation bound of the mean per-row difference at ``confidence``.
+    """
+
+    loss: Literal["improve", "not-worse", "ignore"] = Field(
+        "improve",
+        description="'improve': the held-out loss must be lower than the base model's beyond "
+        "noise (the default: an adapter that learned nothing cannot pass); 'not-worse': not "
+        "higher beyond noise; 'ignore'.",
+    )
+    accuracy: Literal["improve", "not-worse", "ignore"] = Field(
+        "not-worse",
+        description="Where answers are scored: 'improve', 'not-worse' (default: accuracy must "
+        "not drop beyond noise) or 'ignore'.",
+    )
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="Confidence of the bounds.")
+
+
+class EvaluationSpec(_Section):
+    """Held-out evaluation of base and adapter after verification, before publishing."""
+
+    enabled: bool = Field(True, description="Evaluate (and gate) before publishing.")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Held-out files (same format as dataset.sources; local or s3://); "
+        "default: dataset.eval_fraction's split, else a slice held out of training.",
+    )
+    holdout_fraction: float = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Without dataset.eval_fraction, this fraction of the rows is held out of "
+        "training (seeded, before training) and evaluated on; recorded in the manifest.",
+    )
+    max_rows: int | None = Field(
+        1000, ge=1, description="Evaluate at most this many held-out rows (the first ones)."
+    )
+    scoring: Literal["auto", "choices", "exact-match", "loss"] = Field(
+        "auto",
+        description="'choices': rows list options (field choices_field), scored by the "
+        "log-likelihood of each option's answer tokens; 'exact-match': greedy decoding must "
+        "reproduce the answer; 'loss': loss and perplexity only; 'auto': choices when every "
+        "held-out row has choices_field, else loss.",
+    )
+    choices_field: str = Field("choices", description="Row field listing the answer options.")
+    gate: QualityGateSpec = Field(default_factory=QualityGateSpec, description="Quality gate.")
+
+
 class JobBody(_Section):
     """The ``spec`` of a FineTuneJob."""
 
@@ -354,6 +406,7 @@ class JobBody(_Section):
     output: OutputSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
 
 class JobSpec(_Section):
