@@ -25,6 +25,7 @@ from tests.test_manifests_validate import (
     TRAINER_SELECTOR,
     check,
     check_custom,
+    check_operator_endpoint,
     rbac_grants,
 )
 
@@ -164,16 +165,29 @@ def test_rbac_scope_follows_watch_all_namespaces(tmp_path: Path) -> None:
 
 def test_monitors_select_the_training_pods() -> None:
     docs = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
-    (service,) = docs["Service"]
-    (monitor,) = docs["ServiceMonitor"]
+    service = next(d for d in docs["Service"] if d["metadata"]["name"].endswith("trainer"))
+    monitor = next(d for d in docs["ServiceMonitor"] if d["metadata"]["name"].endswith("trainer"))
     assert service["spec"]["selector"] == TRAINER_SELECTOR
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
-    (pod_monitor,) = docs["PodMonitor"]
+    pod_monitor = next(d for d in docs["PodMonitor"] if d["metadata"]["name"].endswith("trainer"))
     assert pod_monitor["spec"]["selector"]["matchLabels"] == TRAINER_SELECTOR
     assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_operator_endpoint_is_probed_and_scraped(variant: Path) -> None:
+    docs = by_kind(template(str(variant)))
+    (deploy,) = docs["Deployment"]
+    monitors = [d for d in docs.get("PodMonitor", []) if d["metadata"]["name"].endswith("operator")]
+    check_operator_endpoint(deploy, monitors[0] if monitors else None)
+    for svc in docs.get("Service", []):
+        if svc["metadata"]["name"].endswith("-operator"):  # what the ServiceMonitor scrapes
+            assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"][
+                "labels"].items()
+            assert svc["spec"]["ports"][0]["targetPort"] == "http"
 
 
 def test_manifests_and_chart_grant_the_same_rules() -> None:

@@ -235,11 +235,37 @@ def check_custom(doc: dict[str, Any]) -> None:
     else:
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         selector = doc["spec"]["selector"]["matchLabels"]
-        if doc["kind"] == "PodMonitor":  # the labels every rendered training pod carries
-            assert selector == TRAINER_SELECTOR
+        if doc["kind"] == "PodMonitor" and selector.get(COMPONENT) != "operator":
+            assert selector == TRAINER_SELECTOR  # the labels every rendered training pod carries
         assert selector
         endpoints = doc["spec"].get("podMetricsEndpoints") or doc["spec"].get("endpoints")
         assert endpoints and all(e["port"] for e in endpoints)
+
+
+COMPONENT = "app.kubernetes.io/component"
+
+
+def test_operator_probes_and_monitor_use_its_endpoint() -> None:
+    """The Deployment's probes, its port and the operator PodMonitor agree on one endpoint."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in manifest_docs()}
+    deploy = docs[("Deployment", "qlora-operator")]
+    check_operator_endpoint(deploy, docs[("PodMonitor", "qlora-operator")])
+
+
+def check_operator_endpoint(deploy: dict[str, Any], monitor: dict[str, Any] | None) -> None:
+    """Probes on /healthz and /readyz of the named port QLORA_OPERATOR_METRICS_PORT sets."""
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (port,) = container["ports"]
+    assert int(env["QLORA_OPERATOR_METRICS_PORT"]) == port["containerPort"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    if monitor is not None:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"][
+            "labels"].items()
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
 
 
 def test_manifests_hold_no_secret_values() -> None:
