@@ -42,7 +42,7 @@ def main() -> int:
            "QLORA_LOAD_REST_S": str(args.rest_s)}
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
            "tests/test_k8s_operator_load.py"]
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()
     with open(args.out / "pytest.log", "w", encoding="utf-8") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             check=False).returncode
@@ -61,6 +61,7 @@ def main() -> int:
         "wall_s": round(time.time() - start, 1),
         "exit_code": rc,
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg(),
                     "note": "a 2-core VM shared with other work while this ran"},
         "python": platform.python_version(),
         "kube-apiserver": version, "etcd": etcd[0] if etcd else "?",

@@ -172,7 +172,20 @@ def test_a_burst_of_finetunejobs_is_planned_and_completed_within_bounds(
                               if c["type"] == "Planned")) - _ts(i["metadata"]["creationTimestamp"])
                      for i in items)
 
-        time.sleep(2)  # the last status writes' own events settle
+        # At rest: once the queue is empty and no status write happened for 5 s (the pods'
+        # Pending messages still arrive after every FineTuneJob is Planned).
+        settle0, quiet = time.monotonic(), [time.monotonic(), -1.0]
+
+        def settled() -> bool:
+            m = _metrics(port)
+            writes = m.get('qlora_operator_api_requests_total{resource="finetunejobs",'
+                           'verb="patch"}', 0.0)
+            if writes != quiet[1] or m.get("qlora_operator_queue_depth", 0.0) > 0:
+                quiet[:] = [time.monotonic(), writes]
+            return time.monotonic() - quiet[0] >= 5
+
+        cp.wait_for("the operator to come to rest", settled, timeout_s=900, every_s=1.0)
+        settle_s = time.monotonic() - settle0 - 5
         rest0, rest0_all, r0 = _metrics(port), sum(cp.apiserver_requests().values()), \
             time.monotonic()
         time.sleep(REST_S)
@@ -225,6 +238,7 @@ def test_a_burst_of_finetunejobs_is_planned_and_completed_within_bounds(
             "operator_requests_during_burst": burst_ops - base_ops,
             "burst_operator_rps": round((burst_ops - base_ops) / planned_s, 2),
             "burst_apiserver_rps_all_clients": round((burst_all - base_all) / planned_s, 2),
+            "settle_after_planned_s": round(settle_s, 1),
             "rest_window_s": round(rest_s, 1),
             "rest_operator_rps": round(rest_ops, 3),
             "rest_operator_rps_without_lease": round(rest_ops - rest_lease, 3),
