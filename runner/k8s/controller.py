@@ -246,6 +246,7 @@ class Controller:
         ftj = self.cache.get(FINETUNEJOBS, ns, name)
         if ftj is None:
             self.queue.forget(key)
+            self.op.forget(ns, name)
             return
         start = time.monotonic()
         result = "ok"
