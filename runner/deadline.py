@@ -1,4 +1,4 @@
-"""Telling a deadline's SIGTERM from a preemption's.
+"""Telling a deadline's SIGTERM from a preemption's, and a user's stop from both.
 
 Kubernetes ends a pod with SIGTERM for several reasons, and the container is not told which:
 the pod's ``DisruptionTarget`` condition (eviction, preemption, node drain) is visible to the
@@ -15,6 +15,14 @@ that: a SIGTERM within it of the deadline is called the deadline. An eviction th
 deadline could not have finished on a restart either. A pod that is itself a retry starts its
 clock late by the earlier pods' time; its deadline SIGTERM can then be reported as preemption
 (the Job still fails by its deadline; the Job's own condition says ``DeadlineExceeded``).
+
+Outside Kubernetes nothing preempts a run: a SIGTERM there is someone's own stop (``kill``,
+a terminal closing, a process supervisor). :func:`in_pod` tells the two apart by the pod's
+identity: the kubelet sets ``$KUBERNETES_SERVICE_HOST`` in every container, and the rendered
+Job sets ``$QLORA_POD_NAME`` from the downward API (``metadata.name``). With neither, a SIGTERM
+is "stopped by a signal" (exit code 12, a checkpoint still committed). Inside a pod any SIGTERM
+not at the deadline stays exit 7: eviction, preemption, a node drain and a deleted pod all look
+the same from inside the container (the kubelet gives no reason), and each is worth a restart.
 """
 
 from __future__ import annotations
@@ -24,6 +32,16 @@ import os
 DEADLINE_ENV = "QLORA_ACTIVE_DEADLINE_S"
 """The Job's ``activeDeadlineSeconds``, set in the rendered pod's environment."""
 MAX_MARGIN_S = 600.0
+POD_NAME_ENV = "QLORA_POD_NAME"
+"""The pod's own name, set in the rendered pod's environment from the downward API."""
+SERVICE_HOST_ENV = "KUBERNETES_SERVICE_HOST"
+"""Set by the kubelet in every container of every pod."""
+
+
+def in_pod(environ: dict[str, str] | None = None) -> bool:
+    """Whether this process has a pod's identity (see the module docstring)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(POD_NAME_ENV) or env.get(SERVICE_HOST_ENV))
 
 
 def deadline_from_env(environ: dict[str, str] | None = None) -> float | None:

@@ -43,6 +43,12 @@ class ExitCode(IntEnum):
     DEADLINE_EXCEEDED = 11
     """SIGTERM when the Job's ``activeDeadlineSeconds`` is used up (not preemption); a
     checkpoint was written if training had begun. Not retried (``podFailurePolicy: FailJob``)."""
+    STOPPED = 12
+    """SIGTERM outside Kubernetes (no pod identity): the user's own stop, not preemption; a
+    checkpoint was written if training had begun. Cannot occur in a rendered pod; ``FailJob``."""
+    STUCK = 13
+    """A phase of ``qlora run`` overran its time budget (training: no optimizer step for too
+    long); the watchdog ended the process (:mod:`runner.watchdog`). Counted by ``backoffLimit``."""
     INTERRUPTED = 130
     """Stopped by Ctrl-C in an interactive command."""
 
@@ -113,6 +119,18 @@ class DeadlineExceededError(RunnerError):
     """SIGTERM arrived when the Job's deadline was used up: the run took longer than allowed."""
 
     exit_code = ExitCode.DEADLINE_EXCEEDED
+
+
+class StoppedError(RunnerError):
+    """SIGTERM outside a pod: someone stopped the run on purpose (not preemption)."""
+
+    exit_code = ExitCode.STOPPED
+
+
+class StuckError(RunnerError):
+    """A phase overran its watchdog budget: the run is stuck, not slow (:mod:`runner.watchdog`)."""
+
+    exit_code = ExitCode.STUCK
 
 
 class KubernetesError(RunnerError):

@@ -45,6 +45,7 @@ from runner.plan.types import GIB, MIB, Plan
 from runner.settings import Settings, load_settings
 from runner.spec import RUN_SPEC_HINT, JobSpec, load_spec, resolve_spec_path, spec_hash
 from runner.train.preemption import PreemptionGuard
+from runner.watchdog import Watchdog, make_watchdog_callback
 
 log = logging.getLogger("runner.recipe")
 
@@ -112,10 +113,12 @@ def run(
     started = time.monotonic()
     metrics = JobMetrics(settings)  # served once the spec names the port; pushed in `finally`
     guard = PreemptionGuard()  # SIGTERM: checkpoint, then exit 7 (runner.train.preemption)
-    phase = _PhaseTracker((guard.on_phase, *on_phase, metrics.set_phase))
+    watchdog = Watchdog.from_settings(settings)  # a phase over its budget: exit 13
+    phase = _PhaseTracker((guard.on_phase, watchdog.on_phase, *on_phase, metrics.set_phase))
     exit_code = int(ExitCode.INTERNAL)
     try:
         with guard:
+            callbacks = (*callbacks, make_watchdog_callback(watchdog))
             result = _run(resolve_spec_path(spec_path), settings, callbacks, phase, metrics, guard)
         exit_code = int(ExitCode.OK)
     except BaseException as e:

@@ -96,6 +96,31 @@ class Settings(BaseSettings):
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
     )
 
+    # -- the watchdog of `qlora run` (runner.watchdog): a phase over its budget exits 13 ---
+    loading_budget_s: float = Field(
+        7200.0, gt=0, description="Longest the loading phase may take (spec, model download, "
+        "data, tokenizer), seconds.",
+    )
+    preflight_budget_s: float = Field(
+        3600.0, gt=0, description="Longest preflight may take (formatting and tokenizing "
+        "every row), seconds.",
+    )
+    training_stall_s: float = Field(
+        3600.0, gt=0, description="Longest training may go without an optimizer step (the "
+        "first window also covers loading the model and compiling), seconds.",
+    )
+    verifying_budget_s: float = Field(
+        3600.0, gt=0, description="Longest verification may take (saving, reloading and "
+        "checking the adapter), seconds.",
+    )
+    evaluating_budget_s: float = Field(
+        7200.0, gt=0, description="Longest the held-out evaluation may take, seconds."
+    )
+    publishing_budget_s: float = Field(
+        3600.0, gt=0, description="Longest publishing may take (uploading the adapter), "
+        "seconds.",
+    )
+
     # -- the operator (qlora operator): its HTTP endpoint, leader election, work queue ------
     operator_metrics_port: int = Field(
         8080, ge=0, le=65535,

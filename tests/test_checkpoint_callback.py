@@ -16,12 +16,19 @@ from typing import Any
 import pytest
 
 from runner.checkpoints import CheckpointStore
+from runner.deadline import POD_NAME_ENV
 from runner.errors import PreemptedError, StorageError
 from runner.storage import LocalStore
 from runner.train import preemption
 from runner.train.preemption import PreemptionGuard, checkpoint_is_final, make_checkpoint_callback
 
 HASH = "cd" * 32
+
+
+@pytest.fixture(autouse=True)
+def _in_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These guards run as in a pod, where a SIGTERM is preemption (exit 7)."""
+    monkeypatch.setenv(POD_NAME_ENV, "tiny-run-0")
 
 
 class Observer:

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from runner.checkpoints import step_name
+from runner.deadline import POD_NAME_ENV
 from runner.errors import OutOfMemoryError, PreemptedError
 from runner.recipe import Phase, RunResult, run
 from runner.settings import Settings
@@ -91,6 +92,12 @@ def published_dtypes(result: RunResult) -> dict[str, str]:
     """Dtypes of the adapter a run published to its file:// store."""
     run_dir = Path(result.run_uri.removeprefix("file://"))
     return safetensors_dtypes(run_dir / "adapter_model.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def _in_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These runs simulate a pod, where a SIGTERM is preemption (exit 7)."""
+    monkeypatch.setenv(POD_NAME_ENV, "tiny-run-0")
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ def _sigterm_in(guard: PreemptionGuard, phase: str) -> None:
 
 
 def test_a_sigterm_at_the_deadline_is_deadline_exceeded() -> None:
-    guard = PreemptionGuard(deadline_s=0.5)  # the run has (about) used its deadline already
+    guard = PreemptionGuard(deadline_s=0.5, pod=True)  # (about) used its deadline already
     guard.started_at -= 1.0
     with pytest.raises(DeadlineExceededError, match=r"deadline exceeded .* during preflight") as e:
         _sigterm_in(guard, "preflight")
@@ -53,7 +53,7 @@ def test_a_sigterm_at_the_deadline_is_deadline_exceeded() -> None:
 
 
 def test_a_sigterm_long_before_the_deadline_is_preemption() -> None:
-    guard = PreemptionGuard(deadline_s=7200)
+    guard = PreemptionGuard(deadline_s=7200, pod=True)
     with pytest.raises(PreemptedError, match="preempted \\(SIGTERM\\) during loading"):
         _sigterm_in(guard, "loading")
 

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from runner import __version__
-from runner.deadline import DEADLINE_ENV
+from runner.deadline import DEADLINE_ENV, POD_NAME_ENV
 from runner.errors import ExitCode, SpecError
 from runner.k8s import names
 from runner.k8s.pod_fit import config_map_problems, volume_sizes
@@ -63,7 +63,10 @@ FAIL_JOB_EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode.CUDA_OOM,  # the plan was wrong: re-plan with a smaller micro batch, not retry
     ExitCode.MISSING_DEPENDENCY,  # the image lacks an extra
     ExitCode.DEADLINE_EXCEEDED,  # activeDeadlineSeconds is used up: the Job has failed anyway
+    ExitCode.STOPPED,  # a user's stop outside a pod: cannot occur here; never retried if it did
 )
+# Not listed, so counted against backoffLimit: 1 (a bug), 5 (storage), 13 (a phase stuck past
+# its watchdog budget: a hung download or device may not hang again on another pod).
 IGNORE_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.PREEMPTED,)
 
 
@@ -497,6 +500,8 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
     env.append(
         {"name": "QLORA_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     )
+    # The pod's identity: a SIGTERM with it is preemption, without it a user's stop.
+    env.append({"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     return env
 
 

@@ -23,6 +23,13 @@ the store anyway); a checkpoint asked for by SIGTERM that fails raises the
 A SIGTERM at the Job's deadline is not preemption (:mod:`runner.deadline`): the same
 checkpoint is written, but the run ends with :class:`DeadlineExceededError` (exit code 11),
 which the Job's policy does not retry, and says how long it ran against which deadline.
+
+A SIGTERM outside Kubernetes (no pod identity, :func:`runner.deadline.in_pod`) is the user's
+own stop: the same checkpoint is written, the log says "stopped by a signal", and the run ends
+with :class:`StoppedError` (exit code 12). Ctrl-C (SIGINT) stays exit code 130. Inside a pod,
+a SIGTERM not at the deadline is reported as preemption (exit 7) although the container cannot
+know whether it was an eviction, a preemption, a node drain or ``kubectl delete pod``: all of
+them are worth a restart from the checkpoint.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ from types import FrameType
 from typing import Any, Protocol
 
 from runner.checkpoints import CheckpointStore
-from runner.deadline import deadline_from_env, is_deadline
+from runner.deadline import deadline_from_env, in_pod, is_deadline
 from runner.errors import (
     DeadlineExceededError,
     PreemptedError,
     RunnerError,
+    StoppedError,
     StorageError,
     VerificationError,
     missing_extra,
@@ -66,10 +74,13 @@ class PreemptionGuard:
     Args:
         deadline_s: The Job's ``activeDeadlineSeconds`` (default: ``$QLORA_ACTIVE_DEADLINE_S``);
             a SIGTERM near it is the deadline, not preemption (:mod:`runner.deadline`).
+        pod: Whether the run is in a pod (default: :func:`runner.deadline.in_pod`); outside
+            one a SIGTERM is the user's stop (exit code 12), not preemption.
     """
 
-    def __init__(self, deadline_s: float | None = None) -> None:
+    def __init__(self, deadline_s: float | None = None, pod: bool | None = None) -> None:
         self.deadline_s = deadline_s if deadline_s is not None else deadline_from_env()
+        self.pod = in_pod() if pod is None else pod
         self.started_at = time.monotonic()
         self.deadline_hit = False
         self._event = threading.Event()
@@ -110,12 +121,23 @@ class PreemptionGuard:
                 log.warning(
                     "SIGTERM (%s): checkpointing at the end of the current step, then exiting "
                     "(grace period %d s)",
-                    "the job's deadline" if self.deadline_hit else "eviction or preemption",
+                    self.cause,
                     GRACE_PERIOD_S,
-                    extra={"preempted": not self.deadline_hit, "deadline": self.deadline_hit},
+                    extra={
+                        "preempted": self.cause == _PREEMPTION,
+                        "deadline": self.deadline_hit,
+                        "stopped": self.cause == _STOP,
+                    },
                 )
             return
         raise self.error()
+
+    @property
+    def cause(self) -> str:
+        """What the SIGTERM is attributed to, in words (see the module docstring)."""
+        if self.deadline_hit:
+            return "the job's deadline"
+        return _PREEMPTION if self.pod else _STOP
 
     def error(self, detail: str | None = None) -> RunnerError:
         """The error to stop with: the deadline's, else preemption's, naming where the run was.
@@ -133,6 +155,11 @@ class PreemptionGuard:
                 "The deadline is 4x the planned runtime (at least 2 h): check why the run is "
                 "slower than planned; a new job of the same spec resumes from the newest "
                 "committed checkpoint"
+            )
+        if not self.pod:
+            return StoppedError(
+                f"stopped by a signal (SIGTERM outside Kubernetes: not preemption) {where}; "
+                "running the same spec again resumes from the newest committed checkpoint"
             )
         return PreemptedError(
             f"preempted (SIGTERM) {where}; a restart resumes from the newest committed checkpoint"
@@ -160,6 +187,10 @@ class PreemptionGuard:
         """Raise :class:`PreemptedError` if SIGTERM has arrived."""
         if self.preempted:
             raise self.error()
+
+
+_PREEMPTION = "eviction or preemption"
+_STOP = "stopped by a signal outside Kubernetes"
 
 
 class CheckpointObserver(Protocol):
