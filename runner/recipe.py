@@ -19,7 +19,8 @@ Read it top to bottom; each phase is one block in :func:`run`:
    then prune all but the newest checkpoint;
 7. **succeeded** / **failed**.
 
-Every phase change is logged and passed to ``on_phase`` hooks (metrics). The training stack
+Every phase change is logged and passed to ``on_phase`` hooks (metrics, and the watchdog that
+ends a phase over its time budget with exit 13: :mod:`runner.watchdog`). The training stack
 and the storage client are only reached through :mod:`runner.train` and :mod:`runner.publish`.
 """
 
