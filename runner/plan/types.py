@@ -79,6 +79,11 @@ class Plan:
         prefer_below_mib: The next larger class's floor: the renderer adds a *preferred* node
             affinity ``Lt`` this value, so the scheduler picks the smallest fitting card when
             larger ones are free too. None when the chosen class is the largest.
+        gpus_per_node: GPUs (ranks) per node; one pod per node.
+        nodes: Nodes (pods); ``gpus_per_node * nodes`` is the DDP world size, and
+            micro batch x accumulation x world size is the effective batch.
+        allreduce_s_per_step: Estimated time of the LoRA-gradient all-reduce per optimizer
+            step (0 on one GPU).
     """
 
     spec_hash: str
@@ -99,6 +104,14 @@ class Plan:
     model_config_origin: str = ""
     trust_remote_code: bool = False
     prefer_below_mib: int | None = None
+    gpus_per_node: int = 1
+    nodes: int = 1
+    allreduce_s_per_step: float = 0.0
+
+    @property
+    def world_size(self) -> int:
+        """Training processes (ranks): GPUs per node x nodes."""
+        return self.gpus_per_node * self.nodes
 
     def to_json(self) -> str:
         """Serialise for ``plan.json`` and ``qlora plan --json``."""
