@@ -62,8 +62,11 @@ CONFIGMAPS = Resource("v1", "ConfigMap", "configmaps")
 PODS = Resource("v1", "Pod", "pods")
 NAMESPACES = Resource("v1", "Namespace", "namespaces", namespaced=False)
 JOBS = Resource("batch/v1", "Job", "jobs")
+SERVICES = Resource("v1", "Service", "services")
 FINETUNEJOBS = Resource("qlora-runner.io/v1alpha1", "FineTuneJob", "finetunejobs")
-KNOWN = {(r.api_version, r.kind): r for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, FINETUNEJOBS)}
+KNOWN = {
+    (r.api_version, r.kind): r for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, SERVICES, FINETUNEJOBS)
+}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:
