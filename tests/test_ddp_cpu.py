@@ -38,10 +38,13 @@ except ImportError:
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 DATA = REPO / "examples" / "data" / "antonyms-chat.jsonl"
-ADAPTER_TOLERANCE = 1e-4
-"""Largest |difference| allowed between a LoRA weight trained by two ranks and by one
-process on the same samples: float32 sums in another order (gloo's all-reduce and the
-per-rank loss normalisation), amplified a little by Adam over a few steps."""
+ADAPTER_TOLERANCE = 0.05
+"""Largest relative difference (Frobenius norm of the difference over the norm of the
+one-process weights, all lora_B tensors together; lora_B starts at zero, so this is the
+trained update) between the adapter two ranks trained and the one a single process trained on
+the same samples. Not bitwise: gloo's all-reduce and the per-rank loss normalisation sum in
+another order, and Adam turns float noise in near-zero gradients into full-size steps for a
+few elements. Different samples give a difference of the order of the update itself."""
 
 
 def write_spec(
@@ -184,10 +187,12 @@ def test_two_ranks_train_one_adapter_like_one_process(tiny_model_dir: Path, tmp_
     assert one.returncode == 0, err1[-4000:]
     a, b = adapter(ddp_store), adapter(one_store)
     assert a.keys() == b.keys() and len(a) == 28
-    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-    moved = max(float(a[k].float().abs().max()) for k in a if "lora_B" in k)
-    assert moved > 100 * ADAPTER_TOLERANCE, "lora_B did not train: the comparison means nothing"
-    assert worst <= ADAPTER_TOLERANCE, f"DDP and one-process adapters differ by {worst}"
+    keys = [k for k in a if "lora_B" in k]
+    diff = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in keys) ** 0.5
+    size = sum(float(b[k].float().norm() ** 2) for k in keys) ** 0.5
+    assert size > 0, "lora_B did not train: the comparison means nothing"
+    print(f"DDP vs one process: relative lora_B difference {diff / size:.4g}")
+    assert diff / size <= ADAPTER_TOLERANCE, f"adapters differ by {diff / size:.3g} (relative)"
 
 
 def test_sigterm_commits_once_and_world_size_1_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
