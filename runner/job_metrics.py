@@ -84,7 +84,9 @@ class JobMetrics:
         )
         if body.metrics.enabled and self.server is None:
             self.server = MetricsServer(
-                self.metrics, body.metrics.port + self.local_rank, self.settings.metrics_bind_address
+                self.metrics,
+                body.metrics.port + self.local_rank,
+                self.settings.metrics_bind_address,
             )
             self.server.start()
         return self.metrics

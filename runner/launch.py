@@ -19,6 +19,7 @@ dies makes torchrun stop the others at once, so the group fails promptly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -73,7 +74,7 @@ def layout_for(spec_path: str) -> Layout:
         from runner.spec import load_spec
 
         res = load_spec(str(path)).spec.resources
-    except Exception:  # noqa: BLE001 - the run itself reports an unreadable spec
+    except Exception:  # the run itself reports an unreadable spec
         return Layout()
     g = res.gpus_per_node if isinstance(res.gpus_per_node, int) else 1
     n = res.nodes if isinstance(res.nodes, int) else 1
@@ -122,16 +123,14 @@ def run_group(layout: Layout, spec_path: str, log_args: list[str]) -> int:
             " ".join(cmd[1:]),
             extra={"world_size": layout.world_size},
         )
-        proc = subprocess.Popen(cmd, env=env)  # noqa: S603 - our own interpreter and module
+        proc = subprocess.Popen(cmd, env=env)  # our own interpreter and module
 
         def forward(signum: int, frame: FrameType | None) -> None:
             pids = _rank_pids(Path(rank_dir))
             log.warning("SIGTERM: forwarding to %d rank(s)", len(pids))
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
 
         previous = signal.signal(signal.SIGTERM, forward)
         try:

@@ -185,7 +185,9 @@ class RunMetrics:
             ("rank", "world_size"),
         )  # fmt: skip
         self.rank_peak_reserved = gauge(
-            "rank_gpu_memory_peak_reserved_bytes", "Highest reserved GPU memory of a rank.", ["rank"]
+            "rank_gpu_memory_peak_reserved_bytes",
+            "Highest reserved GPU memory of a rank.",
+            ["rank"],
         )
         self.rank_tokens_rate = gauge(
             "rank_train_tokens_per_second", "Recent throughput of a rank in tokens.", ["rank"]

@@ -195,7 +195,9 @@ def test_two_ranks_train_one_adapter_like_one_process(tiny_model_dir: Path, tmp_
     assert diff / size <= ADAPTER_TOLERANCE, f"adapters differ by {diff / size:.3g} (relative)"
 
 
-def test_sigterm_commits_once_and_world_size_1_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_commits_once_and_world_size_1_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     store = tmp_path / "store"
     log = tmp_path / "ddp.log"
     ddp = start_logged(

@@ -52,7 +52,8 @@ def test_two_gpus_keep_the_effective_batch_and_add_ddp_memory() -> None:
     assert one.micro_batch_size * one.gradient_accumulation_steps == target
     terms = {t.name: t.bytes for t in two.vram_terms}
     assert terms["ddp_gradient_buckets"] == terms["lora_grads"] > 0
-    assert "nccl_buffers" in terms and "ddp_gradient_buckets" not in {t.name for t in one.vram_terms}
+    assert "nccl_buffers" in terms
+    assert "ddp_gradient_buckets" not in {t.name for t in one.vram_terms}
     assert two.vram_estimate_bytes == sum(terms.values())
     assert two.allreduce_s_per_step > 0 == one.allreduce_s_per_step
     assert two.backend == "transformers"  # Unsloth's DDP is behind QLORA_UNSLOTH_DDP

@@ -42,12 +42,12 @@ from runner.plan.parallel import (
 from runner.plan.runtime import estimate_runtime
 from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
 from runner.plan.types import GIB, MIB, GpuClass, Plan
-
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"
-"""GPU Feature Discovery's label of a node's GPU count."""
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
 from runner.spec.model import Backend
+
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+"""GPU Feature Discovery's label of a node's GPU count."""
 
 
 def _gib(n: float) -> str:
@@ -116,7 +116,7 @@ class _Ctx:
     table: GpuClassTable
     cal: Calibration
     skip: tuple[str, ...]
-    layout: Layout = Layout(1, 1)
+    layout: Layout = dataclasses.field(default_factory=lambda: Layout(1, 1))
 
     def est(self, t: TrainingShape) -> Estimate:
         e = estimate(self.shape, t, self.cal)
@@ -325,9 +325,10 @@ def _choose_layout(
             else _plan_layout(spec, settings, dataclasses.replace(ctx, layout=lay), origin)
         )
         best = plan
-        if (plan.estimated_runtime_s or 0.0) <= goal_s:
+        took = plan.estimated_runtime_s or 0.0
+        if took <= goal_s:
             why = (
-                f"the fewest GPUs whose estimate ({plan.estimated_runtime_s / 3600:.1f} h) meets "
+                f"the fewest GPUs whose estimate ({took / 3600:.1f} h) meets "
                 f"resources.deadline_hours {deadline:g}"
             )
             if lay != usable[0]:
