@@ -160,6 +160,11 @@ def render_objects(
             "spec": _pod_spec(spec, plan, settings, config_map_name=name, policy=policy),
         },
     }
+    if plan.nodes > 1 and settings.multi_node_target != "indexed-job":
+        raise SpecError(
+            f"QLORA_MULTI_NODE_TARGET: '{settings.multi_node_target}' is not rendered yet; "
+            "use indexed-job (a batch/v1 Indexed Job with a headless Service)"
+        )
     if plan.nodes > 1:  # one pod per node: an Indexed Job behind a headless Service
         job_spec.update(multinode.indexed_job_fields(plan))
         pod = job_spec["template"]["spec"]
