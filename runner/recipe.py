@@ -168,6 +168,9 @@ def _run(
     # 1. loading
     rank = distributed.current()
     phase.enter(Phase.LOADING, spec=spec_path, rank=rank.rank, world_size=rank.world_size)
+    from runner.train.speedups import apply_compile_cache_env
+
+    apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     run_id = new_run_id(spec_hash(job))
     metrics.open(job, run_id)
@@ -231,6 +234,12 @@ def _run(
         100 * report.truncation_rate,
         extra={"preflight": report.as_dict()},
     )
+
+    # The real lengths may allow a faster layout in the placed class; an out-of-memory retry
+    # (attempt > 0) keeps the operator's smaller, fully checkpointed layout instead.
+    if plan is not None and cuda and settings.attempt == 0:
+        plan, decided = _replan_with_lengths(job, settings, plan, base.path, train, decided)
+        metrics.set_estimate(plan.vram_estimate_bytes)
 
     # 3. training
     phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
@@ -436,6 +445,44 @@ def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | Non
         extra={"plan": json.loads(plan.to_json())},
     )
     return plan
+
+
+def _replan_with_lengths(
+    job: JobSpec, settings: Settings, plan: Plan, model_dir: Path, train: Any, decided: Any
+) -> tuple[Plan, Any]:
+    """Re-plan inside the placed class from the real token lengths (runner.plan.layout).
+
+    Keeps the original plan when the re-plan is not possible (no config, nothing fits).
+    """
+    from runner.plan.lengths import profile
+    from runner.plan.planner import replan_in_class
+    from runner.train.backend import cuda_available, cuda_bf16_supported
+    from runner.train.resolve import resolve
+
+    body = job.spec
+    lengths = profile((len(e.input_ids) for e in train), body.training.max_seq_length, "preflight")
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        new = replan_in_class(job, settings, plan, lengths, model_config=config)
+    except (OSError, ValueError, RunnerError) as e:
+        reason = e.message if isinstance(e, RunnerError) else str(e)
+        log.warning("kept the plan; no re-plan from the real lengths: %s", reason)
+        return plan, decided
+    log.info(
+        "re-planned from the real lengths in class %s: micro batch %d x %d, checkpointing %s, "
+        "largest micro batch %s tokens, estimated peak %.1f GiB",
+        new.gpu_class.name,
+        new.micro_batch_size,
+        new.gradient_accumulation_steps,
+        "off"
+        if new.gradient_checkpointing is False
+        else (f"first {new.checkpointed_layers} layers" if new.checkpointed_layers else "all"),
+        new.peak_micro_batch_tokens,
+        new.vram_estimate_bytes / GIB,
+        extra={"replan": json.loads(new.to_json())},
+    )
+    cuda = cuda_available()
+    return new, resolve(body, new, cuda=cuda, bf16=cuda_bf16_supported())
 
 
 def estimate_without_plan(

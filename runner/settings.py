@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     work_dir: str = Field(
         ".qlora-work", description="Local scratch directory for downloads and the adapter."
     )
+    compile_cache_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim mounted into every training pod for the Triton, "
+        "Inductor and Unsloth kernel caches, so a later job skips the first step's "
+        "compilation (ReadWriteMany when jobs run on several nodes); unset: an emptyDir.",
+    )
     storage_retries: int = Field(
         5, ge=0, le=20, description="Retries (with backoff) for a failing storage call."
     )

@@ -342,7 +342,7 @@ def _pod_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(spec, plan, settings)],
-        "volumes": _volumes(plan, config_map_name),
+        "volumes": _volumes(plan, config_map_name) + _compile_cache_volume(settings),
     }
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
@@ -437,6 +437,11 @@ def _container(spec: JobSpec, plan: Plan, settings: Settings) -> dict[str, Any]:
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "work", "mountPath": WORK_DIR},
+            *(
+                [{"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR}]
+                if settings.compile_cache_claim
+                else []
+            ),
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -472,8 +477,9 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         "HOME": CACHE_DIR,
         "XDG_CACHE_HOME": f"{CACHE_DIR}/xdg",
         "HF_HOME": f"{CACHE_DIR}/huggingface",
-        "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
-        "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torchinductor",
+        "TRITON_CACHE_DIR": f"{_compile_dir(settings)}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{_compile_dir(settings)}/torchinductor",
+        "QLORA_COMPILE_CACHE_DIR": _compile_dir(settings) if settings.compile_cache_claim else None,
         "CUDA_CACHE_PATH": f"{CACHE_DIR}/nv",
         "PYTHONUNBUFFERED": "1",
     }
@@ -494,6 +500,25 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         {"name": "QLORA_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     )
     return env
+
+
+COMPILE_CACHE_DIR = f"{CACHE_DIR}/compile"
+"""Where ``settings.compile_cache_claim`` is mounted (kernel caches shared between jobs)."""
+
+
+def _compile_dir(settings: Settings) -> str:
+    return COMPILE_CACHE_DIR if settings.compile_cache_claim else CACHE_DIR
+
+
+def _compile_cache_volume(settings: Settings) -> list[dict[str, Any]]:
+    if not settings.compile_cache_claim:
+        return []
+    return [
+        {
+            "name": "compile-cache",
+            "persistentVolumeClaim": {"claimName": settings.compile_cache_claim},
+        }
+    ]
 
 
 def _volumes(plan: Plan, config_map_name: str) -> list[dict[str, Any]]:

@@ -30,9 +30,11 @@ from runner.plan.estimator import (
     TrainingShape,
     estimate,
 )
+from runner.plan.layout import Layout, choose_layout
+from runner.plan.lengths import LengthProfile
 from runner.plan.model_config import load_model_config
+from runner.plan.parallel import Layout as RankLayout
 from runner.plan.parallel import (
-    Layout,
     allreduce_seconds,
     batch_fix,
     candidate_layouts,
@@ -44,7 +46,7 @@ from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from
 from runner.plan.types import GIB, MIB, GpuClass, Plan
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
-from runner.spec.model import Backend
+from runner.spec.model import Backend, QuantMode
 
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 """GPU Feature Discovery's label of a node's GPU count."""
@@ -116,7 +118,8 @@ class _Ctx:
     table: GpuClassTable
     cal: Calibration
     skip: tuple[str, ...]
-    layout: Layout = dataclasses.field(default_factory=lambda: Layout(1, 1))
+    layout: RankLayout = dataclasses.field(default_factory=lambda: RankLayout(1, 1))
+    lengths: LengthProfile | None = None
 
     def est(self, t: TrainingShape) -> Estimate:
         e = estimate(self.shape, t, self.cal)
@@ -221,6 +224,7 @@ def make_plan(
     model_config: Mapping[str, Any] | None = None,
     gpu_classes: GpuClassTable | None = None,
     calibration: Calibration = DEFAULT_CALIBRATION,
+    lengths: LengthProfile | None = None,
 ) -> Plan:
     """Plan a job: precision, GPU class, batch shape, memory and a runtime estimate.
 
@@ -230,6 +234,8 @@ def make_plan(
         model_config: The model's ``config.json``; found from ``spec.model.source`` if None.
         gpu_classes: The class table; loaded from ``settings`` if None.
         calibration: Estimator constants (tests and the benchmark comparison pass their own).
+        lengths: The data's token lengths (``qlora plan --data``, the pod's preflight): the
+            batch layout is then sized by tokens per micro batch (:mod:`runner.plan.layout`).
 
     Returns:
         The plan.
@@ -245,7 +251,9 @@ def make_plan(
         cfg, origin = model_config, "given config"
     shape = shape_from_config(cfg, origin)
     table = gpu_classes or load_gpu_classes(settings)
-    base_ctx = _Ctx(spec, shape, table, calibration, quantization_skip_modules(cfg))
+    base_ctx = _Ctx(
+        spec, shape, table, calibration, quantization_skip_modules(cfg), lengths=lengths
+    )
     res = spec.spec.resources
     layouts = candidate_layouts(
         res.gpus_per_node,
@@ -290,7 +298,7 @@ def _lora_grad_bytes(e: Estimate) -> int:
 
 
 def _choose_layout(
-    spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str, layouts: list[Layout]
+    spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str, layouts: list[RankLayout]
 ) -> Plan:
     """``gpus_per_node`` or ``nodes`` is 'auto': the fewest GPUs that meet the deadline."""
     res = spec.spec.resources
@@ -346,9 +354,9 @@ def _choose_layout(
     return _with_reason(best, f"layout {best_layout(best).describe()} ('auto'): {why}")
 
 
-def best_layout(plan: Plan) -> Layout:
+def best_layout(plan: Plan) -> RankLayout:
     """The plan's layout."""
-    return Layout(plan.gpus_per_node, plan.nodes)
+    return RankLayout(plan.gpus_per_node, plan.nodes)
 
 
 def _with_reason(plan: Plan, reason: str) -> Plan:
@@ -358,6 +366,7 @@ def _with_reason(plan: Plan, reason: str) -> Plan:
 def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> Plan:
     """Plan for one layout (GPUs per node x nodes)."""
     shape, table, layout = ctx.shape, ctx.table, ctx.layout
+    lengths, calibration = ctx.lengths, ctx.cal
     world = layout.world_size
     tr = spec.spec.training
     backend, why_backend = _backend_for(str(tr.backend), world, settings)
@@ -464,6 +473,27 @@ def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> P
         reasons.append(f"{why_batch}; x {a} accumulation = {m * a} sequences per step")
 
     final = ctx.est(training_shape(spec, mode, backend, m, ctx.skip))
+    data_aware: dict[str, Any] = {}
+    if lengths is not None and lengths.rows:
+        laid_out = data_aware_layout(
+            spec,
+            shape,
+            training_shape(spec, mode, backend, m, ctx.skip),
+            lengths,
+            budget_bytes=table.usable_bytes(chosen),
+            calibration=calibration,
+        )
+        if laid_out is not None:
+            batch_layout, why_layout = laid_out
+            m, a = batch_layout.micro_batch_size, batch_layout.gradient_accumulation_steps
+            final = batch_layout.estimate
+            reasons[-1] = why_layout
+            data_aware = {
+                "gradient_checkpointing": batch_layout.gradient_checkpointing,
+                "checkpointed_layers": batch_layout.checkpointed_layers,
+                "peak_micro_batch_tokens": batch_layout.peak_tokens,
+                "data_lengths": lengths.summary(),
+            }
     usable = table.usable_bytes(chosen)
     smaller = [c.name for c in table.classes if c.min_memory_mib < chosen.min_memory_mib]
     why_class = (
@@ -523,7 +553,61 @@ def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> P
         gpus_per_node=layout.gpus_per_node,
         nodes=layout.nodes,
         allreduce_s_per_step=allreduce,
+        **data_aware,
     )
+
+
+def data_aware_layout(
+    spec: JobSpec,
+    shape: ModelShape,
+    base: TrainingShape,
+    lengths: LengthProfile,
+    *,
+    budget_bytes: int,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> tuple[Layout, str] | None:
+    """The data-aware layout inside ``budget_bytes`` and its reason line, or None.
+
+    Only what the spec leaves to the planner changes: a micro batch or accumulation set in
+    the spec is kept, and checkpointing is only reduced when ``training.gradient_checkpointing``
+    is not set explicitly.
+    """
+    tr = spec.spec.training
+    if tr.packing:
+        return None  # packed rows are max_seq_length long already
+    target = tr.target_effective_batch_size
+    m_fixed = tr.micro_batch_size if tr.micro_batch_size != "auto" else None
+    a_fixed = tr.gradient_accumulation_steps if tr.gradient_accumulation_steps != "auto" else None
+    if m_fixed and a_fixed:
+        target, options = m_fixed * a_fixed, [m_fixed]
+    elif m_fixed:
+        options = [m_fixed]
+    elif a_fixed:
+        options = [max(1, target // a_fixed)]
+    else:
+        options = None
+    layout = choose_layout(
+        shape,
+        base,
+        lengths,
+        budget_bytes=budget_bytes,
+        effective_batch=target,
+        seed=tr.seed,
+        micro_batches=options,
+        allow_checkpointing_change="gradient_checkpointing" not in tr.model_fields_set
+        and tr.gradient_checkpointing,
+        cal=calibration,
+    )
+    if layout is None:
+        return None
+    why = (
+        f"layout from the data's lengths ({lengths.summary()}): "
+        f"{layout.describe(shape.num_layers)}; x {layout.gradient_accumulation_steps} "
+        f"accumulation = {layout.micro_batch_size * layout.gradient_accumulation_steps} "
+        f"rows per step; the fastest predicted of the layouts that fit "
+        f"({layout.step_s:.2f} s/step predicted)"
+    )
+    return layout, why
 
 
 def plan_for_card(
@@ -573,4 +657,53 @@ def plan_for_card(
         spec_hash=spec_hash(spec),
         prefer_below_mib=None,
         reasons=(*plan.reasons, f"planned for this process's {card_name} (no plan.json)"),
+    )
+
+
+def replan_in_class(
+    spec: JobSpec,
+    settings: Settings,
+    plan: Plan,
+    lengths: LengthProfile,
+    *,
+    model_config: Mapping[str, Any],
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> Plan:
+    """Re-plan at preflight with the real token lengths, inside the class ``plan`` placed.
+
+    The pod was scheduled for ``plan.gpu_class``; only micro batch, accumulation (as the
+    target effective batch allows) and checkpointing may change, never the class, the
+    precision or the backend.
+
+    Raises:
+        PlanError: the class no longer holds the run (the caller keeps the original plan).
+    """
+    margin = (load_gpu_classes(settings)).safety_margin
+    table = GpuClassTable((plan.gpu_class,), margin, f"the placed class {plan.gpu_class.name}")
+    body = spec.spec
+    pinned = spec.model_copy(
+        update={
+            "spec": body.model_copy(
+                update={
+                    "resources": body.resources.model_copy(
+                        update={"gpu_class": plan.gpu_class.name}
+                    ),
+                    "training": body.training.model_copy(update={"backend": Backend(plan.backend)}),
+                    "quantization": body.quantization.model_copy(
+                        update={"mode": QuantMode(plan.quant_mode)}
+                    ),
+                }
+            )
+        }
+    )
+    new = make_plan(
+        pinned,
+        settings,
+        model_config=model_config,
+        gpu_classes=table,
+        calibration=calibration,
+        lengths=lengths,
+    )
+    return dataclasses.replace(
+        new, spec_hash=plan.spec_hash, prefer_below_mib=plan.prefer_below_mib
     )

@@ -84,6 +84,12 @@ class Plan:
             micro batch x accumulation x world size is the effective batch.
         allreduce_s_per_step: Estimated time of the LoRA-gradient all-reduce per optimizer
             step (0 on one GPU).
+        gradient_checkpointing: The planner's checkpointing decision; None = the spec's.
+        checkpointed_layers: Partial checkpointing: the first this many decoder layers are
+            checkpointed, the rest keep their activations; None = all (when on).
+        peak_micro_batch_tokens: Tokens of the largest micro batch under the runner's row
+            order, when planned from the data's lengths (None: sized at max_seq_length).
+        data_lengths: One line on the lengths the plan was made from, or None.
     """
 
     spec_hash: str
@@ -104,6 +110,10 @@ class Plan:
     model_config_origin: str = ""
     trust_remote_code: bool = False
     prefer_below_mib: int | None = None
+    gradient_checkpointing: bool | None = None
+    checkpointed_layers: int | None = None
+    peak_micro_batch_tokens: int | None = None
+    data_lengths: str | None = None
     gpus_per_node: int = 1
     nodes: int = 1
     allreduce_s_per_step: float = 0.0

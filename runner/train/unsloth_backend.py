@@ -38,6 +38,7 @@ from runner.train.backend import (
     TrainOutcome,
 )
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
+from runner.train.speedups import enable_varlen_attention, speed_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,13 @@ class UnslothBackend:
         model, tokenizer = self._from_pretrained(
             model_dir, precision, max_seq_length, trust_remote_code, notes
         )
+        varlen = enable_varlen_attention()
+        log.info("padding-free attention: %s", varlen, extra={"varlen_attention": varlen})
+        if varlen == "patched":
+            notes.append(
+                "padding-free rows attend with PyTorch's flash varlen kernel, one launch per "
+                "layer (runner.train.speedups)"
+            )
         available = linear_module_names(model)
         missing = [m for m in lora.target_modules if m not in available]
         if missing:
@@ -210,14 +218,14 @@ class UnslothBackend:
 
         quiet_progress_bars()
         config = SFTConfig(**unsloth_sft_args(shape, output_dir, session.precision.compute_dtype))
-        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape)
+        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape, padding_free=True)
         trainer = SFTTrainer(
             model=session.model,
             args=config,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=session.tokenizer,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *speed_callbacks(shape)],
         )
         trainer.remove_callback(PrinterCallback)
         if shape.completion_only_loss:
