@@ -29,7 +29,10 @@ from tests.conftest import require_binary
 from tests.fixtures.prometheus import Pushgateway, free_port, http_get
 
 GIB = 1024**3
-ALLOWED_LABELS = {"job_name", "backend", "gpu_class", "quant_mode", "phase", "device", "rank", "world_size"}  # rank: a few per job (DDP)
+# rank / world_size: a handful of values per job (data-parallel ranks)
+ALLOWED_LABELS = {
+    "job_name", "backend", "gpu_class", "quant_mode", "phase", "device", "rank", "world_size"
+}  # fmt: skip
 EXPECTED = {
     "qlora_job_info": "gauge",
     "qlora_job_phase": "gauge",
