@@ -11,6 +11,7 @@ labels.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def _dtype(name: str) -> Any:
 
 
 def _device_map() -> dict[str, Any]:
-    return {"": 0} if _torch().cuda.is_available() else {"": "cpu"}
+    # One GPU per rank: torchrun's LOCAL_RANK is this process's device (0 without torchrun).
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"": local_rank} if _torch().cuda.is_available() else {"": "cpu"}
 
 
 def quiet_progress_bars() -> None:

@@ -113,6 +113,8 @@ class UnslothBackend:
             "load_in_4bit": precision.is_4bit,
             "load_in_16bit": not precision.is_4bit,
         }
+        if "LOCAL_RANK" in os.environ:  # under torchrun: this rank's own GPU
+            kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
         if prequantized(model_dir):
             notes.append(f"{model_dir.name}: pre-quantized checkpoint, loaded as it is")
         elif precision.quant_mode == "dynamic-4bit":
