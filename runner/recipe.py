@@ -166,6 +166,9 @@ def _run(
     metrics.open(job, run_id)
     body = job.spec
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
+    work = Path(settings.work_dir) / job.metadata.name
+    fetcher = _fetcher(work, settings)
+    base = resolve_model(body.model, fetcher)  # config.json checked before torch is imported
     backend = select_backend(body.training.backend)
     cuda = cuda_available()
     if plan is None and cuda:  # by hand on a GPU: plan for the card that is there
@@ -179,9 +182,6 @@ def _run(
         plan=plan,
         shape=decided.shape,
     )
-    work = Path(settings.work_dir) / job.metadata.name
-    fetcher = _fetcher(work, settings)
-    base = resolve_model(body.model, fetcher)
     if plan is None and cuda:  # no plan even for this card: still put an estimate beside
         estimated = estimate_without_plan(
             job,
@@ -197,7 +197,7 @@ def _run(
 
     # 2. preflight
     phase.enter(Phase.PREFLIGHT)
-    template = resolve_chat_template(body.dataset, tokenizer)
+    template = resolve_chat_template(body.dataset, tokenizer, base.path)
     max_len = decided.shape.max_seq_length
     train_rows = format_rows(data.train, body.dataset, tokenizer, template)
     train, report = preflight(train_rows, tokenizer, max_len)

@@ -9,7 +9,6 @@ works offline on a laptop for the common base models.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from runner.errors import SpecError, StorageError
+from runner.plan.config_schema import parse_model_config, read_model_config
 from runner.settings import Settings
 from runner.spec import JobSpec, ModelSourceKind
 
@@ -59,18 +59,6 @@ def bundled_config(repo: str) -> ModelConfig | None:
     return None
 
 
-def _read_json(path: Path, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{where}: cannot read {path.name}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise SpecError(f"{where}: {path.name} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SpecError(f"{where}: {path.name} is not a JSON object")
-    return data
-
-
 def hf_cache_dirs() -> list[Path]:
     """Hub cache directories to search, following huggingface_hub's environment variables."""
     dirs: list[Path] = []
@@ -98,7 +86,7 @@ def _from_hf_cache(repo: str, revision: str) -> ModelConfig | None:
         for snap in candidates:
             cfg = snap / "config.json"
             if cfg.is_file():
-                return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+                return ModelConfig(read_model_config(cfg), str(cfg))
     return None
 
 
@@ -109,13 +97,8 @@ def _from_s3(uri: str, settings: Settings) -> ModelConfig:
     store, key = open_store(uri, settings)
     cfg_key = f"{key.rstrip('/')}/config.json" if key else "config.json"
     raw = store.read(cfg_key)
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise SpecError(f"{uri.rstrip('/')}/config.json: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SpecError(f"{uri.rstrip('/')}/config.json: not a JSON object")
-    return ModelConfig(data, f"{uri.rstrip('/')}/config.json")
+    where = f"{uri.rstrip('/')}/config.json"
+    return ModelConfig(parse_model_config(raw, where), where)
 
 
 def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
@@ -169,4 +152,4 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
             f"spec.model.source: {cfg} does not exist; a local model is a directory with "
             "config.json (and its weights)"
         )
-    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+    return ModelConfig(read_model_config(cfg), str(cfg))
