@@ -35,7 +35,7 @@ _Count = Annotated[int, Field(gt=0, le=1 << 12)]
 _Vocab = Annotated[int, Field(gt=0, le=1 << 24)]
 _Positions = Annotated[int, Field(gt=0, le=1 << 27)]
 _PosNumber = Annotated[float, Field(gt=0)]
-_TokenId = Annotated[int, Field(ge=0)]
+_TokenId = int  # some configs write -1 for "none"; only the type matters
 
 # (canonical key, older names transformers maps onto it) that a decoder-only config must give.
 _REQUIRED: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -59,6 +59,11 @@ def bundled_config(repo: str) -> ModelConfig | None:
     return None
 
 
+def _read_json(path: Path, where: str) -> dict[str, Any]:
+    # Every config.json the planner and the runner read gets the same strict check.
+    return read_model_config(path, where)
+
+
 def hf_cache_dirs() -> list[Path]:
     """Hub cache directories to search, following huggingface_hub's environment variables."""
     dirs: list[Path] = []
@@ -86,7 +91,7 @@ def _from_hf_cache(repo: str, revision: str) -> ModelConfig | None:
         for snap in candidates:
             cfg = snap / "config.json"
             if cfg.is_file():
-                return ModelConfig(read_model_config(cfg), str(cfg))
+                return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
     return None
 
 
@@ -152,4 +157,4 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
             f"spec.model.source: {cfg} does not exist; a local model is a directory with "
             "config.json (and its weights)"
         )
-    return ModelConfig(read_model_config(cfg), str(cfg))
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
