@@ -307,9 +307,10 @@ def run_qlora(ns: argparse.Namespace, name: str, model: Path, data: Path, work: 
     spec_dir.mkdir(parents=True, exist_ok=True)
     store = work / "store" / name
     gpu_class = plan["gpu_class"]["name"] if plan else "auto"
-    (spec_dir / "job.yaml").write_text(
-        spec_text(name, model, data, store, ns, mb, accum, steps, gpu_class)
-    )
+    text = spec_text(name, model, data, store, ns, mb, accum, steps, gpu_class)
+    if getattr(ns, "drop_gc", False):  # checkpointing left to the planner (speed_data.py)
+        text = text.replace("    gradient_checkpointing: true\n", "")
+    (spec_dir / "job.yaml").write_text(text)
     if plan:
         (spec_dir / "plan.json").write_text(json.dumps(plan))
     env = os.environ | OFFLINE_ENV | {

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "runner.commands.render_cmd",  # render
     "runner.commands.run_cmd",  # run (the container entrypoint)
     "runner.commands.verify_cmd",  # verify
+    "runner.commands.eval_cmd",  # eval
     "runner.commands.kube_cmds",  # submit, status, logs, cancel, operator
 )
 
@@ -29,7 +30,8 @@ EPILOG = """exit codes:
   0 ok | 1 internal error | 2 invalid spec or data | 3 does not fit any GPU class
   4 verification failed | 5 storage unreachable or denied | 6 CUDA out of memory
   7 preempted (checkpoint written) | 8 Kubernetes API error | 9 submitted job failed
-  10 missing optional dependency | 130 interrupted
+  10 missing optional dependency | 11 deadline exceeded (SIGTERM at the Job's deadline)
+  130 interrupted
 """
 
 

@@ -40,6 +40,9 @@ class ExitCode(IntEnum):
     """``qlora submit --wait``: the submitted job ended in failure (reason printed)."""
     MISSING_DEPENDENCY = 10
     """An optional extra (e.g. ``qlora-runner[train]``) is not installed."""
+    DEADLINE_EXCEEDED = 11
+    """SIGTERM when the Job's ``activeDeadlineSeconds`` is used up (not preemption); a
+    checkpoint was written if training had begun. Not retried (``podFailurePolicy: FailJob``)."""
     INTERRUPTED = 130
     """Stopped by Ctrl-C in an interactive command."""
 
@@ -104,6 +107,12 @@ class PreemptedError(RunnerError):
     """The run was asked to stop (SIGTERM) and wrote a checkpoint first."""
 
     exit_code = ExitCode.PREEMPTED
+
+
+class DeadlineExceededError(RunnerError):
+    """SIGTERM arrived when the Job's deadline was used up: the run took longer than allowed."""
+
+    exit_code = ExitCode.DEADLINE_EXCEEDED
 
 
 class KubernetesError(RunnerError):

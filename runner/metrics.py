@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -46,6 +46,7 @@ class Phase(StrEnum):
     PREFLIGHT = "preflight"
     TRAINING = "training"
     VERIFYING = "verifying"
+    EVALUATING = "evaluating"
     PUBLISHING = "publishing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -191,6 +192,17 @@ class RunMetrics:
             "resumed_from_step", "Step of the checkpoint this run resumed from (0: fresh start)."
         )
 
+        # Held-out evaluation (runner.train.evaluate); model is 'base' or 'adapter'.
+        self.eval_loss = gauge(
+            "eval_loss", "Held-out loss per completion token (nats).", ("model",)
+        )
+        self.eval_perplexity = gauge("eval_perplexity", "Held-out perplexity.", ("model",))
+        self.eval_accuracy = gauge(
+            "eval_accuracy_ratio", "Held-out accuracy where answers are scored.", ("model",)
+        )
+        self.eval_rows = gauge("eval_rows", "Held-out rows evaluated.")
+        self.eval_gate = gauge("eval_gate_passed", "1 if the quality gate passed, 0 if it failed.")
+
     # --- checkpoints ------------------------------------------------------------------------
 
     def checkpoint_committed(self, step: int) -> None:
@@ -205,6 +217,17 @@ class RunMetrics:
     def set_resumed_from(self, step: int) -> None:
         """The run resumed from a checkpoint of ``step`` (0: it started fresh)."""
         self.resumed_from.set(step)
+
+    def set_evaluation(self, report: Mapping[str, Any]) -> None:
+        """Record an evaluation report (``EvalReport.as_dict()``), passed or failed."""
+        for model in ("base", "adapter"):
+            scores = report[model]
+            self.eval_loss.labels(model=model).set(scores["loss"])
+            self.eval_perplexity.labels(model=model).set(scores["perplexity"])
+            if scores.get("accuracy") is not None:
+                self.eval_accuracy.labels(model=model).set(scores["accuracy"])
+        self.eval_rows.set(report["rows"])
+        self.eval_gate.set(1 if report["gate"]["passed"] else 0)
 
     # --- identity, plan, phases -------------------------------------------------------------
 

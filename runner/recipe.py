@@ -11,9 +11,13 @@ Read it top to bottom; each phase is one block in :func:`run`:
    CUDA out of memory exits 6;
 4. **verifying**: the LoRA tensors changed and are finite; save the adapter; reload it on a
    fresh base model, check hashes and logits (exit 4, nothing published, on failure);
-5. **publishing**: upload the adapter with a manifest written last (storage errors exit 5),
+5. **evaluating**: base and adapter on the same held-out rows (the eval split, else a slice
+   held out of training before it began): loss, perplexity and, where answers are scored,
+   accuracy with a 95 % interval; a failed quality gate exits 4 and publishes nothing
+   (:mod:`runner.train.evaluate`);
+6. **publishing**: upload the adapter with a manifest written last (storage errors exit 5),
    then prune all but the newest checkpoint;
-6. **succeeded** / **failed**.
+7. **succeeded** / **failed**.
 
 Every phase change is logged and passed to ``on_phase`` hooks (metrics). The training stack
 and the storage client are only reached through :mod:`runner.train` and :mod:`runner.publish`.
@@ -21,6 +25,7 @@ and the storage client are only reached through :mod:`runner.train` and :mod:`ru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import __version__
-from runner.errors import ExitCode, PlanError, RunnerError
+from runner.errors import ExitCode, PlanError, RunnerError, VerificationError
 from runner.job_metrics import JobMetrics
 from runner.plan.types import GIB, MIB, Plan
 from runner.settings import Settings, load_settings
@@ -43,6 +48,8 @@ from runner.train.preemption import PreemptionGuard
 
 log = logging.getLogger("runner.recipe")
 
+EVAL_REPORT = "evaluation.json"
+"""Written into the work directory by every evaluation (the manifest holds it on success)."""
 PLAN_FILE = "plan.json"
 """Read from the spec's directory when present (the ConfigMap mounts both keys together)."""
 LIBRARIES = (
@@ -64,6 +71,7 @@ class Phase(StrEnum):
     PREFLIGHT = "preflight"
     TRAINING = "training"
     VERIFYING = "verifying"
+    EVALUATING = "evaluating"
     PUBLISHING = "publishing"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -145,6 +153,7 @@ def _run(
     from runner.train import select_backend
     from runner.train.backend import cuda_available, cuda_bf16_supported, release_device_memory
     from runner.train.dataset import load_rows
+    from runner.train.evaluate import held_out
     from runner.train.formatting import format_rows, resolve_chat_template
     from runner.train.model_files import load_tokenizer, resolve_model
     from runner.train.oom import cuda_oom_as_error
@@ -161,14 +170,23 @@ def _run(
 
     # 1. loading
     phase.enter(Phase.LOADING, spec=spec_path)
+    from runner.train.speedups import apply_compile_cache_env
+
+    apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
+    if job.spec.model.trust_remote_code:
+        log.warning(
+            "model.trust_remote_code is true: Python code shipped with %s will run in this process",
+            job.spec.model.source,
+            extra={"trust_remote_code": True, "model_source": job.spec.model.source},
+        )
     run_id = new_run_id(spec_hash(job))
     metrics.open(job, run_id)
     body = job.spec
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
     work = Path(settings.work_dir) / job.metadata.name
     fetcher = _fetcher(work, settings)
-    base = resolve_model(body.model, fetcher)  # config.json checked before torch is imported
+    base = resolve_model(body.model, fetcher, _cache_dir(settings))  # config.json checked first
     backend = select_backend(body.training.backend)
     cuda = cuda_available()
     if plan is None and cuda:  # by hand on a GPU: plan for the card that is there
@@ -193,6 +211,17 @@ def _run(
         if estimated is not None:
             metrics.set_estimate(estimated)
     data = load_rows(body.dataset, fetcher, seed=body.training.seed)
+    held = None
+    if body.evaluation.enabled:  # carved before training, so no scored row is trained on
+        extra = body.evaluation.sources
+        train_only, held = held_out(
+            data.train,
+            _eval_rows(body, fetcher) if extra else data.eval,
+            body.evaluation.holdout_fraction,
+            body.training.seed,
+            body.evaluation.max_rows,
+        )
+        data = dataclasses.replace(data, train=train_only)
     tokenizer = load_tokenizer(base.path, body.model.trust_remote_code)
 
     # 2. preflight
@@ -213,6 +242,12 @@ def _run(
         100 * report.truncation_rate,
         extra={"preflight": report.as_dict()},
     )
+
+    # The real lengths may allow a faster layout in the placed class; an out-of-memory retry
+    # (attempt > 0) keeps the operator's smaller, fully checkpointed layout instead.
+    if plan is not None and cuda and settings.attempt == 0:
+        plan, decided = _replan_with_lengths(job, settings, plan, base.path, train, decided)
+        metrics.set_estimate(plan.vram_estimate_bytes)
 
     # 3. training
     phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
@@ -292,8 +327,6 @@ def _run(
             trust_remote_code=body.model.trust_remote_code,
         )
         reload_report = check_reloaded(reloaded, adapter_dir, train)
-    del reloaded
-    release_device_memory()
     log.info(
         "adapter verified: %d LoRA tensors changed; reloaded logits differ from the base by "
         "up to %.3g (threshold %g)",
@@ -302,12 +335,30 @@ def _run(
         reload_report["threshold"],
     )
 
-    # 5. publishing
+    # 5. evaluating: on the verified model (the adapter disabled for the base)
+    evaluation = None
+    if held is not None:
+        phase.enter(Phase.EVALUATING, rows=len(held.rows), split=held.split)
+        with cuda_oom_as_error("evaluation"):
+            evaluation = _evaluate(
+                body, held, reloaded, template, max_len, work, decided.shape.micro_batch_size
+            )
+        metrics.metrics.set_evaluation(evaluation)
+    del reloaded
+    release_device_memory()
+    if evaluation is not None and not evaluation["gate"]["passed"]:
+        raise VerificationError(
+            f"quality gate failed: {evaluation['summary']}; nothing was published "
+            f"(report: {work / EVAL_REPORT})",
+            details=evaluation["gate"]["failures"],
+        )
+
+    # 6. publishing
     phase.enter(Phase.PUBLISHING, output=body.output.uri)
     meta = {
         "job_name": job.metadata.name,
         "spec_hash": spec_hash(job),
-        "base_model": base.manifest_entry(),
+        "base_model": {**base.manifest_entry(), "trust_remote_code": body.model.trust_remote_code},
         "dataset": {
             **data.manifest_entry(),
             "format": body.dataset.format.value,
@@ -318,6 +369,7 @@ def _run(
         "lora": body.lora.model_dump(mode="json"),
         "training": _training_summary(backend.name, decided, plan, outcome, notes),
         "verification": {"weight_update": weight_update, "reload": reload_report},
+        "evaluation": evaluation,
         "checkpoints": {
             "uri": checkpoints.uri,
             "resumed_from_step": resume.checkpoint.step if resume else None,
@@ -329,6 +381,53 @@ def _run(
     log.info("published %s", published.manifest_uri, extra={"run_id": published.run_id})
     _prune(checkpoints)
     return RunResult(published.run_id, published.run_uri, published.manifest_uri, meta)
+
+
+def _eval_rows(body: Any, fetcher: Any) -> Any:
+    """The rows of ``evaluation.sources``, read like the training data."""
+    from runner.train.dataset import load_rows
+
+    spec = body.dataset.model_copy(
+        update={"sources": list(body.evaluation.sources), "max_samples": None, "eval_fraction": 0}
+    )
+    return load_rows(spec, fetcher, seed=body.training.seed).train
+
+
+def _evaluate(
+    body: Any,
+    held: Any,
+    session: Any,
+    template: Any,  # a compiled runner.train.template_sandbox.ChatTemplate, or None
+    max_len: int,
+    work: Path,
+    micro_batch: int,
+) -> dict[str, Any]:
+    """Score base and adapter on the held-out rows; the report as a dict (also on disk)."""
+    from runner.train.eval_stats import GateRule
+    from runner.train.evaluate import build_items, eval_batch_size, evaluate, resolve_scoring
+
+    spec = body.evaluation
+    scoring = resolve_scoring(held.rows, body.dataset, spec.scoring, spec.choices_field)
+    items = build_items(
+        held.rows,
+        body.dataset,
+        session.tokenizer,
+        template,
+        max_len,
+        scoring=scoring,
+        choices_field=spec.choices_field,
+    )
+    rule = GateRule(spec.gate.loss, spec.gate.accuracy, spec.gate.confidence)
+    # Scoring keeps fp32 logits and their log-softmax; the batch is cut so that stays within
+    # the bf16 logits of one training micro batch, which the estimate's loss term holds.
+    vocab = int(getattr(session.model.config, "vocab_size", 0) or 1)
+    batch = eval_batch_size(micro_batch, max_len, vocab, micro_batch * max_len * vocab * 2)
+    report = evaluate(
+        session, items, scoring=scoring, rule=rule, split=held.split, batch_size=batch
+    )
+    out = {**report.as_dict(), "summary": report.summary(), "held_out": held.record}
+    (work / EVAL_REPORT).write_text(json.dumps(out, indent=2), encoding="utf-8")
+    return out
 
 
 def _prune(checkpoints: Any) -> None:
@@ -401,6 +500,44 @@ def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | Non
     return plan
 
 
+def _replan_with_lengths(
+    job: JobSpec, settings: Settings, plan: Plan, model_dir: Path, train: Any, decided: Any
+) -> tuple[Plan, Any]:
+    """Re-plan inside the placed class from the real token lengths (runner.plan.layout).
+
+    Keeps the original plan when the re-plan is not possible (no config, nothing fits).
+    """
+    from runner.plan.lengths import profile
+    from runner.plan.planner import replan_in_class
+    from runner.train.backend import cuda_available, cuda_bf16_supported
+    from runner.train.resolve import resolve
+
+    body = job.spec
+    lengths = profile((len(e.input_ids) for e in train), body.training.max_seq_length, "preflight")
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        new = replan_in_class(job, settings, plan, lengths, model_config=config)
+    except (OSError, ValueError, RunnerError) as e:
+        reason = e.message if isinstance(e, RunnerError) else str(e)
+        log.warning("kept the plan; no re-plan from the real lengths: %s", reason)
+        return plan, decided
+    log.info(
+        "re-planned from the real lengths in class %s: micro batch %d x %d, checkpointing %s, "
+        "largest micro batch %s tokens, estimated peak %.1f GiB",
+        new.gpu_class.name,
+        new.micro_batch_size,
+        new.gradient_accumulation_steps,
+        "off"
+        if new.gradient_checkpointing is False
+        else (f"first {new.checkpointed_layers} layers" if new.checkpointed_layers else "all"),
+        new.peak_micro_batch_tokens,
+        new.vram_estimate_bytes / GIB,
+        extra={"replan": json.loads(new.to_json())},
+    )
+    cuda = cuda_available()
+    return new, resolve(body, new, cuda=cuda, bf16=cuda_bf16_supported())
+
+
 def estimate_without_plan(
     job: JobSpec, model_dir: Path, *, quant_mode: str, backend: str, micro_batch: int
 ) -> int | None:
@@ -430,6 +567,10 @@ def estimate_without_plan(
         extra={"vram_estimate_bytes": found.total_bytes},
     )
     return found.total_bytes
+
+
+def _cache_dir(settings: Settings) -> Path | None:
+    return Path(settings.model_cache_dir) if settings.model_cache_dir else None
 
 
 def _read_plan(path: Path) -> Plan | None:

@@ -5,13 +5,23 @@ image, the S3 endpoint, the Pushgateway, the GPU class table. They come from ``Q
 environment variables (the Helm chart sets them on the operator and the rendered pods).
 Secrets are never settings: S3 credentials come from the standard AWS environment and files,
 which in the cluster are filled from a Secret by ``secretKeyRef``.
+
+Environment values are strings, so settings are parsed from text, on purpose and strictly
+where a wrong value would enable something or widen what is reachable:
+
+* a boolean setting accepts exactly ``true`` or ``false`` (``1``, ``yes``, ``on`` are errors);
+* URL settings (``QLORA_S3_ENDPOINT_URL``, ``QLORA_PUSHGATEWAY_URL``) must be
+  ``http://`` or ``https://`` URLs without credentials in them;
+* numbers are read from their decimal text and checked against their bounds; choices
+  (``QLORA_S3_ADDRESSING_STYLE``) are exact.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import SpecError
@@ -59,6 +69,18 @@ class Settings(BaseSettings):
     work_dir: str = Field(
         ".qlora-work", description="Local scratch directory for downloads and the adapter."
     )
+    model_cache_dir: str | None = Field(
+        None,
+        description="Where a GGUF model source is converted to a safetensors folder, once per "
+        "file content (sha256); outside work_dir so every job reuses it. Default: "
+        "$XDG_CACHE_HOME/qlora-runner/models (~/.cache/qlora-runner/models).",
+    )
+    compile_cache_claim: str | None = Field(
+        None,
+        description="PersistentVolumeClaim mounted into every training pod for the Triton, "
+        "Inductor and Unsloth kernel caches, so a later job skips the first step's "
+        "compilation (ReadWriteMany when jobs run on several nodes); unset: an emptyDir.",
+    )
     storage_retries: int = Field(
         5, ge=0, le=20, description="Retries (with backoff) for a failing storage call."
     )
@@ -68,6 +90,35 @@ class Settings(BaseSettings):
         description="Out-of-memory re-plan attempt of this pod (0 first); rendered Jobs set it "
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: object, info: ValidationInfo) -> object:
+        # pydantic's lax bool reads "1", "yes", "on", "t" as true: no surprise may enable
+        # something here, so a boolean setting is exactly "true" or "false".
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and field.annotation is bool and isinstance(value, str):
+            if value not in ("true", "false"):
+                raise ValueError(f"must be 'true' or 'false' (got {value!r})")
+            return value == "true"
+        return value
+
+    @field_validator("s3_endpoint_url", "pushgateway_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _HTTP_URL_RE.fullmatch(value):
+            # Never echoed when it may carry a user or password (settings errors are logged).
+            shown = "the value" if "@" in value else repr(value)
+            raise ValueError(
+                f"{shown} is not an http:// or https:// URL (host[:port][/path], no user "
+                "or password in it); credentials come from the AWS environment or a Secret"
+            )
+        return value
+
+
+_HTTP_URL_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/@:\[\]]+)(:[0-9]{1,5})?(/[^\s@]*)?")
 
 
 def load_settings() -> Settings:
@@ -81,7 +132,8 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as e:
         lines = [
-            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: "
+            f"{err['msg'].removeprefix('Value error, ')}"
             for err in e.errors(include_url=False)
         ]
         raise SpecError("invalid settings in the QLORA_* environment", lines) from e

@@ -47,9 +47,9 @@ def failure_message(error: BaseException) -> str:
     return termination_message(succeeded=False, reason=redact(reason), exit_code=code)
 
 
-def success_message(adapter_uri: str) -> str:
-    """The termination line for a published adapter."""
-    return termination_message(succeeded=True, adapter_uri=adapter_uri)
+def success_message(adapter_uri: str, evaluation: str | None = None) -> str:
+    """The termination line for a published adapter (with the evaluation's numbers)."""
+    return termination_message(succeeded=True, adapter_uri=adapter_uri, evaluation=evaluation)
 
 
 def report(message: str) -> bool:

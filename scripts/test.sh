@@ -12,6 +12,11 @@ bash scripts/tools/install-helm.sh .tools/bin
 QLORA_KUBE_BIN_DIR="$(bash scripts/tools/build-kube.sh)"
 export QLORA_KUBE_BIN_DIR
 export PATH="$PWD/.tools/bin:$PWD/.venv/bin:$PATH"
+# The CI image (CPU torch), built once per run; the image and cluster tests run this one.
+echo "==> image: scripts/build-image.sh"
+QLORA_TEST_IMAGE="$(bash scripts/build-image.sh)"
+CONTAINERS_CONF="$(bash scripts/build-image.sh --containers-conf)"
+export QLORA_TEST_IMAGE CONTAINERS_CONF
 
 echo "==> lint: ruff, mypy --strict, import-linter"
 ruff check runner tests

@@ -28,6 +28,7 @@ from runner.settings import Settings
 from runner.spec import ModelSourceKind, load_spec, validate_document
 from tests.conftest import require_binary
 from tests.image_refs import has_registry_host, image_refs
+from tests.kueue_schema import KUEUE_KINDS, check_kueue
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -39,7 +40,7 @@ FAILURE_ACTIONS = {"FailJob", "Ignore", "Count", "FailIndex"}
 EXIT_CODE_OPERATORS = {"In", "NotIn"}
 POD_CONDITION_STATUSES = {"True", "False", "Unknown"}
 # Kinds whose schema kubernetes-validate does not bundle; they get their own checks below.
-CUSTOM_KINDS = {"FineTuneJob", "PodMonitor", "ServiceMonitor"}
+CUSTOM_KINDS = {"FineTuneJob", "PodMonitor", "ServiceMonitor", *KUEUE_KINDS}
 TRAINER_SELECTOR = {
     "app.kubernetes.io/name": "qlora-runner",
     "app.kubernetes.io/component": "trainer",
@@ -229,6 +230,8 @@ def check_custom(doc: dict[str, Any]) -> None:
     """Custom resources: FineTuneJob through the spec model, monitors by shape."""
     if doc["kind"] == "FineTuneJob":
         validate_document(doc)
+    elif doc["kind"] in KUEUE_KINDS:  # Kueue's CRDs are not at hand: a strict schema of ours
+        check_kueue(doc)
     else:
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         selector = doc["spec"]["selector"]["matchLabels"]

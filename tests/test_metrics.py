@@ -64,6 +64,11 @@ EXPECTED = {
     "qlora_checkpoint_last_timestamp_seconds": "gauge",
     "qlora_checkpoint_failures": "counter",
     "qlora_resumed_from_step": "gauge",
+    "qlora_eval_loss": "gauge",
+    "qlora_eval_perplexity": "gauge",
+    "qlora_eval_accuracy_ratio": "gauge",
+    "qlora_eval_rows": "gauge",
+    "qlora_eval_gate_passed": "gauge",
 }
 
 
@@ -103,6 +108,23 @@ def families(m: RunMetrics) -> dict[str, object]:
     """Metric families by name, without prometheus_client's ``<counter>_created`` companions."""
     fams = text_string_to_metric_families(m.exposition().decode())
     return {f.name: f for f in fams if not f.name.endswith("_created")}
+
+
+def test_evaluation_gauges_carry_base_and_adapter() -> None:
+    m = busy_run()
+    scores = {"loss": 2.0, "perplexity": 7.389, "accuracy": 0.5}
+    m.set_evaluation(
+        {
+            "base": scores,
+            "adapter": {**scores, "loss": 1.5, "accuracy": None},
+            "rows": 900,
+            "gate": {"passed": False},
+        }
+    )
+    assert m.value("qlora_eval_loss", model="adapter") == 1.5
+    assert m.value("qlora_eval_accuracy_ratio", model="base") == 0.5
+    assert m.value("qlora_eval_accuracy_ratio", model="adapter") is None
+    assert m.value("qlora_eval_rows") == 900 and m.value("qlora_eval_gate_passed") == 0
 
 
 def test_every_metric_is_exposed_with_its_type_and_help() -> None:

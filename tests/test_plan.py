@@ -597,6 +597,11 @@ def examples_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (work / "examples").symlink_to(REPO / "examples")
     cfg = {**TINY_CONFIG, "model_type": "llama", "vocab_size": 263}
     (work / ".qlora-work/models/tiny-llama/config.json").write_text(json.dumps(cfg))
+    # The real-model example plans from its GGUF file's header: one with SmolLM2's sizes.
+    from tests.test_gguf_header import write_gguf
+
+    (work / ".qlora-work/quartz").mkdir(parents=True)
+    write_gguf(work / ".qlora-work/quartz/SmolLM2-135M-Instruct.Q4_1.gguf")
     monkeypatch.chdir(work)
     return work
 

@@ -71,6 +71,8 @@ def test_tiny_run_learns_verifies_and_publishes(
 
     manifest = json.loads(Path(summary["manifest_uri"].removeprefix("file://")).read_text())
     assert manifest["base_model"]["config_sha256"]
+    assert manifest["base_model"]["trust_remote_code"] is False
+    assert '"trust_remote_code": true' not in err
     assert manifest["dataset"]["preflight"]["loss_token_fraction"] > 0.1
     update = manifest["verification"]["weight_update"]
     assert update["changed_tensors"] == update["tensors"] == 28
@@ -87,13 +89,24 @@ def test_tiny_run_learns_verifies_and_publishes(
         "preflight",
         "training",
         "verifying",
+        "evaluating",
         "publishing",
         "succeeded",
     ]
+    assert manifest["evaluation"]["gate"]["passed"], manifest["evaluation"]
 
     rc, out, err = run_cli(capsys, "verify", f"file://{store}/tiny")
     assert rc == 0, err
     assert summary["run_id"] in out
+
+    # qlora eval: the published adapter, verified, re-scored against its base (rows it saw)
+    rc, out, err = run_cli(
+        capsys, "eval", f"file://{store}/tiny", "--data", str(DATA), "--max-rows", "16", "--json"
+    )
+    assert rc == 0, err[-2000:]
+    report = json.loads(out)
+    assert report["run_id"] == summary["run_id"] and report["rows"] == 16
+    assert report["adapter"]["loss"] < report["base"]["loss"] and report["gate"]["passed"]
 
 
 class RestoreInitialLora(transformers.TrainerCallback):  # type: ignore[misc]

@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="with --wait: re-plan at most N times after a CUDA out-of-memory exit "
                    "(half the micro batch, then the next GPU class; default 2)")
     p.add_argument("--queue", metavar="NAME", help="Kueue LocalQueue (the Job starts suspended)")
+    p.add_argument("--allow-local-paths", action="store_true",
+                   help="allow absolute local paths: you mount them into the pod yourself")
     _cluster_args(p)
     p.set_defaults(handler=_submit)
 
@@ -119,6 +121,9 @@ def _submit(args: argparse.Namespace) -> int:
     if args.max_replans < 0:
         raise SpecError(f"--max-replans: must be 0 or more, got {args.max_replans}")
     spec = load_spec(args.file, hint="pass the spec file as the argument: qlora submit FILE")
+    from runner.k8s.pod_fit import refuse_local_paths
+
+    refuse_local_paths(spec, allow=args.allow_local_paths)
     settings = load_settings()
     plan = make_plan(spec, settings)  # refuses a spec that fits nothing: no API call yet
     print(

@@ -14,9 +14,10 @@ from runner.errors import ExitCode
 _EPILOG = """examples:
   qlora plan examples/llama-3.1-8b.yaml
   qlora plan examples/llama-3.3-70b.yaml --json
+  qlora plan examples/llama-3.1-8b.yaml --data train.jsonl
 
-exit codes: 0 planned | 2 invalid spec or model config | 3 fits no GPU class (the message
-says by how much and which changes would fit) | 5 object storage unreachable
+exit codes: 0 planned | 2 invalid spec, model config or --data file | 3 fits no GPU class
+(the message says by how much and which changes would fit) | 5 object storage unreachable
 """
 
 
@@ -32,6 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("file", metavar="FILE", help="job spec (YAML or JSON)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--data",
+        metavar="FILE",
+        help="a local JSON Lines / JSON copy of the training data: size micro batches by its "
+        "token lengths (the model's tokenizer.json when the model is local, else "
+        "characters / 3.6)",
+    )
     p.set_defaults(handler=_plan)
 
 
@@ -53,7 +61,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.file, hint="pass the spec file as the argument: qlora plan FILE")
     settings = load_settings()
-    plan = make_plan(spec, settings)
+    lengths = None
+    if args.data:
+        from runner.plan.data_lengths import lengths_for_plan
+
+        lengths = lengths_for_plan(spec, args.data)
+    plan = make_plan(spec, settings, lengths=lengths)
     if args.json:
         print(plan.to_json())
         return int(ExitCode.OK)
@@ -87,6 +100,13 @@ def _plan(args: argparse.Namespace) -> int:
         f"{plan.micro_batch_size * plan.gradient_accumulation_steps} sequences per step"
     )
     print(f"tokens per step:   {plan.tokens_per_step:,} (at max_seq_length)")
+    if plan.data_lengths:
+        print(f"data:              {plan.data_lengths}")
+        print(f"largest micro batch: {plan.peak_micro_batch_tokens:,} tokens (padding-free)")
+        if plan.gradient_checkpointing is False:
+            print("checkpointing:     off (the class has room)")
+        elif plan.checkpointed_layers is not None:
+            print(f"checkpointing:     first {plan.checkpointed_layers} layers only")
     if plan.estimated_runtime_s is not None:
         print(f"runtime:           {_format_duration(plan.estimated_runtime_s)}")
     else:

@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from runner.errors import ExitCode, PlanError, SpecError
-from runner.k8s import crd_yaml, render_objects
+from runner.k8s import crd_yaml, kueue, render_objects
 from runner.k8s.manifests import to_yaml
 from runner.k8s.names import is_dns1123_label
+from runner.k8s.pod_fit import refuse_local_paths
 from runner.plan import Plan, bundled_config, make_plan
 from runner.plan.model_config import bundled_shapes
 from runner.settings import load_settings
@@ -55,6 +58,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="plan with this config.json (a file, or a bundled shape such as llama-3.1-8b) "
         "instead of reading it from spec.model.source, e.g. to render offline",
     )
+    p.add_argument(
+        "--kueue-flavors",
+        metavar="VALUES_YAML",
+        help="with --queue: the chart's values file (kueue.flavors); say which of its "
+        "ResourceFlavors the job can be admitted to, and refuse the job if none",
+    )
+    p.add_argument(
+        "--allow-local-paths",
+        action="store_true",
+        help="allow absolute local paths in the spec: you mount them into the pod yourself "
+        "(relative paths and paths in the pod's emptyDirs are refused even then)",
+    )
     p.set_defaults(handler=_render)
 
 
@@ -70,6 +85,7 @@ def _render(args: argparse.Namespace) -> int:
         if value is not None and not is_dns1123_label(value):
             raise SpecError(f"{flag}: '{value}' is not a DNS-1123 label (a-z 0-9 -, <= 63)")
     spec = load_spec(args.file, hint="pass the spec file as the argument: qlora render FILE")
+    refuse_local_paths(spec, allow=args.allow_local_paths)
     settings = load_settings()
     if args.plan:
         plan = _load_plan(args.plan)
@@ -82,8 +98,33 @@ def _render(args: argparse.Namespace) -> int:
         model_config = _model_config(args.model_config) if args.model_config else None
         plan = make_plan(spec, settings, model_config=model_config)
     objects = render_objects(spec, plan, settings, queue_name=args.queue, namespace=args.namespace)
+    if args.queue is not None:
+        _say_flavors(plan, settings.gpu_memory_label, args.kueue_flavors)
+    elif args.kueue_flavors:
+        raise SpecError("--kueue-flavors: only with --queue")
     sys.stdout.write(to_yaml(objects))
     return int(ExitCode.OK)
+
+
+def _say_flavors(plan: Plan, memory_label: str, values_file: str | None) -> None:
+    """Tell (on stderr) which Kueue flavors the job can use; exit 2 when none can take it."""
+    need = kueue.requirement(plan, memory_label)
+    if values_file is None:
+        print(f"kueue: the job can use flavors whose node labels give {need}", file=sys.stderr)
+        return
+    try:
+        doc = yaml.safe_load(Path(values_file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"{values_file}: cannot read the values file: {e}") from e
+    flavors = kueue.flavors_from_values(doc, memory_label, source=values_file)
+    names = kueue.usable_flavors(flavors, plan, memory_label)
+    if not names:
+        raise SpecError(
+            f"--kueue-flavors: no flavor in {values_file} can admit this job ({need}); "
+            f"flavors: {', '.join(f.name for f in flavors)}. Kueue would queue it forever or "
+            "admit it where it cannot schedule"
+        )
+    print(f"kueue: the job can use flavors {', '.join(names)} ({need})", file=sys.stderr)
 
 
 def _load_plan(path: str) -> Plan:

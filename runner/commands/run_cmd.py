@@ -14,13 +14,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="train, verify and publish an adapter (the container entrypoint)",
-        description="Run one fine-tuning job: load -> preflight -> train -> verify -> publish.\n"
+        description="Run one fine-tuning job: load -> preflight -> train -> verify -> "
+        "evaluate -> publish.\n"
         "The spec is --spec FILE, else $QLORA_SPEC, else /etc/qlora/job.yaml; a plan.json "
         "next to it fixes the batch shape and precision. Prints a JSON summary (run id, "
         "manifest URI, first and last loss) on success.\n\n"
         "exit codes: 0 published | 2 invalid spec or data (preflight) | 4 adapter failed "
-        "verification, nothing published | 5 storage | 6 CUDA out of memory | 7 preempted, "
-        "checkpoint written | 10 training extra missing\n\n"
+        "verification or the quality gate, nothing published | 5 storage | 6 CUDA out of "
+        "memory | 7 preempted, checkpoint written | 10 training extra missing | 11 deadline "
+        "exceeded (SIGTERM at the Job's deadline), checkpoint written\n\n"
         "example: qlora run --spec examples/tiny-cpu.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -39,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
     except BaseException as e:  # every outcome leaves a termination message, then propagates
         termination.report(termination.failure_message(e))
         raise
-    termination.report(termination.success_message(result.run_uri))
+    evaluation = result.metadata.get("evaluation") or {}
+    termination.report(termination.success_message(result.run_uri, evaluation.get("summary")))
     summary = {
         "run_id": result.run_id,
         "run_uri": result.run_uri,
@@ -47,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
         "first_loss": result.metadata["training"]["first_loss"],
         "last_loss": result.metadata["training"]["last_loss"],
         "steps": result.metadata["training"]["steps"],
+        "evaluation": evaluation.get("summary"),
     }
     print(json.dumps(summary), file=sys.stdout)
     return int(ExitCode.OK)

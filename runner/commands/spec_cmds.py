@@ -7,7 +7,9 @@ import json
 import sys
 
 from runner.errors import ExitCode, SpecError
-from runner.spec import json_schema, load_spec, spec_hash
+from runner.k8s.manifests import label_problems
+from runner.spec import JobSpec, json_schema, load_spec, spec_hash
+from runner.spec.model_checks import ModelFindings, check_against_model
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,14 +38,40 @@ def _validate(args: argparse.Namespace) -> int:
     for f in args.files:
         try:
             spec = load_spec(f, hint="pass existing spec files: qlora validate FILE...")
+            findings = _model_findings(spec)
         except SpecError as e:
             failed.append(e)
             print(f"error: {e.message}", file=sys.stderr)
             for line in e.details:
                 print(line, file=sys.stderr)
             continue
+        labels = label_problems(spec)
+        if labels:
+            failed.append(SpecError(f"{f}: invalid metadata.labels", labels))
+            print(f"error: {f}: invalid metadata.labels", file=sys.stderr)
+            for line in labels:
+                print(line, file=sys.stderr)
+            continue
+        for line in findings.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        if findings.errors:
+            failed.append(SpecError(f"{f}: does not fit its model"))
+            print(f"error: {f}: does not fit its model", file=sys.stderr)
+            for line in findings.errors:
+                print(line, file=sys.stderr)
+            continue
         print(f"{f}: ok ({spec.metadata.name}, spec hash {spec_hash(spec)[:12]})")
     return int(ExitCode.INVALID_INPUT) if failed else int(ExitCode.OK)
+
+
+def _model_findings(spec: JobSpec) -> ModelFindings:
+    """What the model's config says about the spec, when it is known offline (else nothing)."""
+    from runner.plan.model_config import offline_model_config
+
+    found = offline_model_config(spec)
+    if found is None:
+        return ModelFindings()
+    return check_against_model(spec, found.config, found.origin)
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -32,8 +32,10 @@ from typing import Any
 import yaml
 
 from runner import __version__
+from runner.deadline import DEADLINE_ENV
 from runner.errors import ExitCode, SpecError
 from runner.k8s import names
+from runner.k8s.pod_fit import config_map_problems, volume_sizes
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
 from runner.spec import JobSpec, dump_spec, spec_hash
@@ -60,6 +62,7 @@ FAIL_JOB_EXIT_CODES: tuple[ExitCode, ...] = (
     ExitCode.VERIFICATION_FAILED,  # the adapter did not train; the same seed would repeat it
     ExitCode.CUDA_OOM,  # the plan was wrong: re-plan with a smaller micro batch, not retry
     ExitCode.MISSING_DEPENDENCY,  # the image lacks an extra
+    ExitCode.DEADLINE_EXCEEDED,  # activeDeadlineSeconds is used up: the Job has failed anyway
 )
 IGNORE_EXIT_CODES: tuple[ExitCode, ...] = (ExitCode.PREEMPTED,)
 
@@ -146,6 +149,9 @@ def render_objects(
         "metadata": {**meta, "annotations": {names.ANNOTATION_SPEC_HASH: full_hash}},
         "data": {SPEC_KEY: dump_spec(spec), PLAN_KEY: plan.to_json() + "\n"},
     }
+    too_big = config_map_problems(config_map)
+    if too_big:
+        raise SpecError("the rendered ConfigMap is too large for the API server", too_big)
     job_labels = dict(labels)
     if queue_name is not None:
         job_labels[names.LABEL_KUEUE_QUEUE] = queue_name
@@ -260,7 +266,11 @@ def _owner_namespace(owner: Mapping[str, Any] | None) -> str | None:
     return str(ns) if ns else None
 
 
-def _labels(spec: JobSpec, plan: Plan, managed_by: str, attempt: int) -> dict[str, str]:
+def label_problems(spec: JobSpec) -> list[str]:
+    """``path: message`` lines for ``metadata.labels`` the API server (or we) would refuse.
+
+    ``qlora validate`` reports the same lines as ``qlora render``.
+    """
     problems = []
     for key, value in spec.metadata.labels.items():
         path = f'metadata.labels["{key}"]'
@@ -273,6 +283,11 @@ def _labels(spec: JobSpec, plan: Plan, managed_by: str, attempt: int) -> dict[st
                 f"{path}: '{value}' is not a valid label value "
                 "(<= 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends)"
             )
+    return problems
+
+
+def _labels(spec: JobSpec, plan: Plan, managed_by: str, attempt: int) -> dict[str, str]:
+    problems = label_problems(spec)
     if problems:
         raise SpecError("invalid metadata.labels", problems)
     ours = {
@@ -318,8 +333,12 @@ def _pod_spec(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(spec, plan, settings)],
-        "volumes": _volumes(plan, config_map_name),
+        "volumes": _volumes(spec, plan, config_map_name) + _compile_cache_volume(settings),
     }
+    # The runner tells a deadline's SIGTERM from preemption by it (runner.train.preemption).
+    pod["containers"][0]["env"].append(
+        {"name": DEADLINE_ENV, "value": str(active_deadline_s(plan, policy))}
+    )
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
@@ -377,11 +396,13 @@ def tolerations(gpu: GpuClass) -> list[dict[str, Any]]:
     return out
 
 
-def resources(plan: Plan) -> dict[str, Any]:
-    """CPU and memory requests from the plan; GPUs and memory (+ /dev/shm) as limits.
+def resources(plan: Plan, ephemeral_bytes: int | None = None) -> dict[str, Any]:
+    """CPU, memory and disk requests from the plan; GPUs and memory (+ /dev/shm) as limits.
 
     Memory's limit adds the ``/dev/shm`` tmpfs, which is charged to the container. CPU has no
-    limit: throttling a data loader only slows the GPU down.
+    limit: throttling a data loader only slows the GPU down. ``ephemeral_bytes`` (the sum of
+    the emptyDirs' size limits, :func:`runner.k8s.pod_fit.volume_sizes`) is requested as
+    ``ephemeral-storage`` so the scheduler picks a node with that much free disk.
     """
     memory_mib = math.ceil(plan.host_memory_bytes / MIB)
     limit_mib = memory_mib + shm_size_bytes(plan) // MIB
@@ -389,6 +410,8 @@ def resources(plan: Plan) -> dict[str, Any]:
         "requests": {"cpu": str(plan.cpu_cores), "memory": f"{memory_mib}Mi"},
         "limits": {"memory": f"{limit_mib}Mi"},
     }
+    if ephemeral_bytes is not None:
+        out["requests"]["ephemeral-storage"] = f"{math.ceil(ephemeral_bytes / MIB)}Mi"
     if plan.gpu_class.gpu_count > 0:
         out["requests"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
         out["limits"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
@@ -402,13 +425,18 @@ def _container(spec: JobSpec, plan: Plan, settings: Settings) -> dict[str, Any]:
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORK_DIR,  # Unsloth writes its compiled-kernel cache into the cwd
         "env": _env(spec, settings),
-        "resources": resources(plan),
+        "resources": resources(plan, volume_sizes(spec, plan).total),
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "work", "mountPath": WORK_DIR},
+            *(
+                [{"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR}]
+                if settings.compile_cache_claim
+                else []
+            ),
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -444,8 +472,9 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         "HOME": CACHE_DIR,
         "XDG_CACHE_HOME": f"{CACHE_DIR}/xdg",
         "HF_HOME": f"{CACHE_DIR}/huggingface",
-        "TRITON_CACHE_DIR": f"{CACHE_DIR}/triton",
-        "TORCHINDUCTOR_CACHE_DIR": f"{CACHE_DIR}/torchinductor",
+        "TRITON_CACHE_DIR": f"{_compile_dir(settings)}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{_compile_dir(settings)}/torchinductor",
+        "QLORA_COMPILE_CACHE_DIR": _compile_dir(settings) if settings.compile_cache_claim else None,
         "CUDA_CACHE_PATH": f"{CACHE_DIR}/nv",
         "PYTHONUNBUFFERED": "1",
     }
@@ -468,8 +497,28 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
     return env
 
 
-def _volumes(plan: Plan, config_map_name: str) -> list[dict[str, Any]]:
+COMPILE_CACHE_DIR = f"{CACHE_DIR}/compile"
+"""Where ``settings.compile_cache_claim`` is mounted (kernel caches shared between jobs)."""
+
+
+def _compile_dir(settings: Settings) -> str:
+    return COMPILE_CACHE_DIR if settings.compile_cache_claim else CACHE_DIR
+
+
+def _compile_cache_volume(settings: Settings) -> list[dict[str, Any]]:
+    if not settings.compile_cache_claim:
+        return []
+    return [
+        {
+            "name": "compile-cache",
+            "persistentVolumeClaim": {"claimName": settings.compile_cache_claim},
+        }
+    ]
+
+
+def _volumes(spec: JobSpec, plan: Plan, config_map_name: str) -> list[dict[str, Any]]:
     shm_mib = shm_size_bytes(plan) // MIB
+    sizes = volume_sizes(spec, plan)
     return [
         {
             "name": "config",
@@ -479,9 +528,9 @@ def _volumes(plan: Plan, config_map_name: str) -> list[dict[str, Any]]:
             },
         },
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_mib}Mi"}},
-        {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
-        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": f"{sizes.tmp // MIB}Mi"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": f"{sizes.cache // MIB}Mi"}},
+        {"name": "work", "emptyDir": {"sizeLimit": f"{sizes.work // MIB}Mi"}},
     ]
 
 

@@ -100,6 +100,7 @@ def termination_message(
     adapter_uri: str | None = None,
     reason: str = "",
     exit_code: int = 0,
+    evaluation: str | None = None,
 ) -> str:
     """The one JSON line ``qlora run`` writes to the termination log.
 
@@ -108,9 +109,14 @@ def termination_message(
         adapter_uri: The published run's URI (success only).
         reason: Why it failed, one line (failure only); shortened to fit 4 KiB.
         exit_code: The process exit code (failure only).
+        evaluation: The held-out evaluation's one-line summary (success; a failed gate
+            carries it in ``reason``).
     """
     if succeeded:
-        return json.dumps({"status": "succeeded", "adapter_uri": adapter_uri}, sort_keys=True)
+        out: dict[str, str | None] = {"status": "succeeded", "adapter_uri": adapter_uri}
+        if evaluation:
+            out["evaluation"] = " ".join(evaluation.split())[:2000]
+        return json.dumps(out, sort_keys=True)
     line = " ".join(reason.split())[:3500]
     return json.dumps(
         {"status": "failed", "reason": line, "exit_code": int(exit_code)}, sort_keys=True

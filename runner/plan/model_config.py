@@ -4,11 +4,13 @@ The planner needs only the config. It looks, in order, at: a local model directo
 ``config.json`` object under an ``s3://`` prefix (one small read, not the weights); the local
 Hugging Face hub cache for ``hf://org/name@revision`` (never the network); and finally the
 bundled table of well-known shapes in ``runner/data/model_configs.yaml``, so that ``qlora plan``
-works offline on a laptop for the common base models.
+works offline on a laptop for the common base models. A GGUF file (local or ``s3://``) is sized
+from its header (:mod:`runner.plan.gguf_header`), never converted for planning.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping
@@ -22,6 +24,7 @@ import yaml
 
 from runner.errors import SpecError, StorageError
 from runner.plan.config_schema import parse_model_config, read_model_config
+from runner.plan.gguf_header import gguf_config, is_gguf_source
 from runner.settings import Settings
 from runner.spec import JobSpec, ModelSourceKind
 
@@ -106,6 +109,22 @@ def _from_s3(uri: str, settings: Settings) -> ModelConfig:
     return ModelConfig(parse_model_config(raw, where), where)
 
 
+def _from_gguf(source: str, kind: ModelSourceKind, settings: Settings) -> ModelConfig:
+    """The config of a GGUF model file, from its header (the weights are not converted)."""
+    if kind is ModelSourceKind.S3:
+        from runner.storage import open_store
+
+        store, key = open_store(source, settings)
+        with io.BytesIO(store.read(key)) as f:
+            return ModelConfig(gguf_config(f, source), f"GGUF header of {source}")
+    path = Path(source)
+    try:
+        with path.open("rb") as f:
+            return ModelConfig(gguf_config(f, source), f"GGUF header of {source}")
+    except OSError as e:
+        raise SpecError(f"spec.model.source: {source}: cannot read: {e.strerror or e}") from e
+
+
 def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
     """Find the config of ``spec.model.source``.
 
@@ -123,6 +142,8 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
     model = spec.spec.model
     source = model.source
     kind = model.source_kind
+    if is_gguf_source(source):
+        return _from_gguf(source, kind, settings)
     if kind is ModelSourceKind.S3:
         try:
             return _from_s3(source, settings)
@@ -158,3 +179,23 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
             "config.json (and its weights)"
         )
     return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+
+
+def offline_model_config(spec: JobSpec) -> ModelConfig | None:
+    """The model's config if it is known without any network or object storage, else None.
+
+    Looks at a local model directory, the local Hugging Face cache and the bundled shapes (an
+    ``s3://`` mirror named after its hub id finds its bundled shape). For ``qlora validate``.
+
+    Raises:
+        SpecError: a local ``config.json`` exists but is not a JSON object.
+    """
+    model = spec.spec.model
+    if model.source_kind is ModelSourceKind.S3:
+        return bundled_config("/".join(model.source.rstrip("/").split("/")[-2:]))
+    if model.source_kind is ModelSourceKind.HF:
+        repo, revision = model.hf_repo
+        return _from_hf_cache(repo, revision) or bundled_config(repo)
+    path = Path(model.source)
+    cfg = path / "config.json" if path.is_dir() or not path.suffix else path
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg)) if cfg.is_file() else None

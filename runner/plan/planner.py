@@ -30,13 +30,15 @@ from runner.plan.estimator import (
     TrainingShape,
     estimate,
 )
+from runner.plan.layout import Layout, choose_layout
+from runner.plan.lengths import LengthProfile
 from runner.plan.model_config import load_model_config
 from runner.plan.runtime import estimate_runtime
 from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
 from runner.plan.types import GIB, MIB, GpuClass, Plan
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
-from runner.spec.model import Backend
+from runner.spec.model import Backend, QuantMode
 
 
 def _gib(n: float) -> str:
@@ -201,6 +203,7 @@ def make_plan(
     model_config: Mapping[str, Any] | None = None,
     gpu_classes: GpuClassTable | None = None,
     calibration: Calibration = DEFAULT_CALIBRATION,
+    lengths: LengthProfile | None = None,
 ) -> Plan:
     """Plan a job: precision, GPU class, batch shape, memory and a runtime estimate.
 
@@ -210,6 +213,8 @@ def make_plan(
         model_config: The model's ``config.json``; found from ``spec.model.source`` if None.
         gpu_classes: The class table; loaded from ``settings`` if None.
         calibration: Estimator constants (tests and the benchmark comparison pass their own).
+        lengths: The data's token lengths (``qlora plan --data``, the pod's preflight): the
+            batch layout is then sized by tokens per micro batch (:mod:`runner.plan.layout`).
 
     Returns:
         The plan.
@@ -310,6 +315,27 @@ def make_plan(
     reasons.append(f"{why_batch}; x {a} accumulation = {m * a} sequences per step")
 
     final = ctx.est(training_shape(spec, mode, backend, m, ctx.skip))
+    data_aware: dict[str, Any] = {}
+    if lengths is not None and lengths.rows:
+        laid_out = data_aware_layout(
+            spec,
+            shape,
+            training_shape(spec, mode, backend, m, ctx.skip),
+            lengths,
+            budget_bytes=table.usable_bytes(chosen),
+            calibration=calibration,
+        )
+        if laid_out is not None:
+            layout, why_layout = laid_out
+            m, a = layout.micro_batch_size, layout.gradient_accumulation_steps
+            final = layout.estimate
+            reasons[-1] = why_layout
+            data_aware = {
+                "gradient_checkpointing": layout.gradient_checkpointing,
+                "checkpointed_layers": layout.checkpointed_layers,
+                "peak_micro_batch_tokens": layout.peak_tokens,
+                "data_lengths": lengths.summary(),
+            }
     usable = table.usable_bytes(chosen)
     smaller = [c.name for c in table.classes if c.min_memory_mib < chosen.min_memory_mib]
     why_class = (
@@ -353,7 +379,61 @@ def make_plan(
             (c.min_memory_mib for c in table.classes if c.min_memory_mib > chosen.min_memory_mib),
             None,
         ),
+        **data_aware,
     )
+
+
+def data_aware_layout(
+    spec: JobSpec,
+    shape: ModelShape,
+    base: TrainingShape,
+    lengths: LengthProfile,
+    *,
+    budget_bytes: int,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> tuple[Layout, str] | None:
+    """The data-aware layout inside ``budget_bytes`` and its reason line, or None.
+
+    Only what the spec leaves to the planner changes: a micro batch or accumulation set in
+    the spec is kept, and checkpointing is only reduced when ``training.gradient_checkpointing``
+    is not set explicitly.
+    """
+    tr = spec.spec.training
+    if tr.packing:
+        return None  # packed rows are max_seq_length long already
+    target = tr.target_effective_batch_size
+    m_fixed = tr.micro_batch_size if tr.micro_batch_size != "auto" else None
+    a_fixed = tr.gradient_accumulation_steps if tr.gradient_accumulation_steps != "auto" else None
+    if m_fixed and a_fixed:
+        target, options = m_fixed * a_fixed, [m_fixed]
+    elif m_fixed:
+        options = [m_fixed]
+    elif a_fixed:
+        options = [max(1, target // a_fixed)]
+    else:
+        options = None
+    layout = choose_layout(
+        shape,
+        base,
+        lengths,
+        budget_bytes=budget_bytes,
+        effective_batch=target,
+        seed=tr.seed,
+        micro_batches=options,
+        allow_checkpointing_change="gradient_checkpointing" not in tr.model_fields_set
+        and tr.gradient_checkpointing,
+        cal=calibration,
+    )
+    if layout is None:
+        return None
+    why = (
+        f"layout from the data's lengths ({lengths.summary()}): "
+        f"{layout.describe(shape.num_layers)}; x {layout.gradient_accumulation_steps} "
+        f"accumulation = {layout.micro_batch_size * layout.gradient_accumulation_steps} "
+        f"rows per step; the fastest predicted of the layouts that fit "
+        f"({layout.step_s:.2f} s/step predicted)"
+    )
+    return layout, why
 
 
 def plan_for_card(
@@ -403,4 +483,53 @@ def plan_for_card(
         spec_hash=spec_hash(spec),
         prefer_below_mib=None,
         reasons=(*plan.reasons, f"planned for this process's {card_name} (no plan.json)"),
+    )
+
+
+def replan_in_class(
+    spec: JobSpec,
+    settings: Settings,
+    plan: Plan,
+    lengths: LengthProfile,
+    *,
+    model_config: Mapping[str, Any],
+    calibration: Calibration = DEFAULT_CALIBRATION,
+) -> Plan:
+    """Re-plan at preflight with the real token lengths, inside the class ``plan`` placed.
+
+    The pod was scheduled for ``plan.gpu_class``; only micro batch, accumulation (as the
+    target effective batch allows) and checkpointing may change, never the class, the
+    precision or the backend.
+
+    Raises:
+        PlanError: the class no longer holds the run (the caller keeps the original plan).
+    """
+    margin = (load_gpu_classes(settings)).safety_margin
+    table = GpuClassTable((plan.gpu_class,), margin, f"the placed class {plan.gpu_class.name}")
+    body = spec.spec
+    pinned = spec.model_copy(
+        update={
+            "spec": body.model_copy(
+                update={
+                    "resources": body.resources.model_copy(
+                        update={"gpu_class": plan.gpu_class.name}
+                    ),
+                    "training": body.training.model_copy(update={"backend": Backend(plan.backend)}),
+                    "quantization": body.quantization.model_copy(
+                        update={"mode": QuantMode(plan.quant_mode)}
+                    ),
+                }
+            )
+        }
+    )
+    new = make_plan(
+        pinned,
+        settings,
+        model_config=model_config,
+        gpu_classes=table,
+        calibration=calibration,
+        lengths=lengths,
+    )
+    return dataclasses.replace(
+        new, spec_hash=plan.spec_hash, prefer_below_mib=plan.prefer_below_mib
     )

@@ -79,6 +79,12 @@ class Plan:
         prefer_below_mib: The next larger class's floor: the renderer adds a *preferred* node
             affinity ``Lt`` this value, so the scheduler picks the smallest fitting card when
             larger ones are free too. None when the chosen class is the largest.
+        gradient_checkpointing: The planner's checkpointing decision; None = the spec's.
+        checkpointed_layers: Partial checkpointing: the first this many decoder layers are
+            checkpointed, the rest keep their activations; None = all (when on).
+        peak_micro_batch_tokens: Tokens of the largest micro batch under the runner's row
+            order, when planned from the data's lengths (None: sized at max_seq_length).
+        data_lengths: One line on the lengths the plan was made from, or None.
     """
 
     spec_hash: str
@@ -99,6 +105,10 @@ class Plan:
     model_config_origin: str = ""
     trust_remote_code: bool = False
     prefer_below_mib: int | None = None
+    gradient_checkpointing: bool | None = None
+    checkpointed_layers: int | None = None
+    peak_micro_batch_tokens: int | None = None
+    data_lengths: str | None = None
 
     def to_json(self) -> str:
         """Serialise for ``plan.json`` and ``qlora plan --json``."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import SpecError
+from runner.spec.bounds import DEFAULT_LIMITS, check_document, check_size, parse_yaml
 from runner.spec.model import JobSpec
 
 DEFAULT_SPEC_PATH = "/etc/qlora/job.yaml"
@@ -34,11 +36,15 @@ _SECRET_KEY_RE = re.compile(
 )
 _SECRET_VALUE_RES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("an AWS access key id", re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")),
-    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")),
-    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
-    ("credentials in a URL", re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")),
-    ("a GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b")),
-    ("a bearer token", re.compile(r"\bBearer\s+[A-Za-z0-9._~+/-]{20,}=*", re.IGNORECASE)),
+    ("a Hugging Face token", re.compile(r"\bhf_[A-Za-z0-9]{30}")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z ]{0,40}PRIVATE KEY-----")),
+    # Bounded repeats: every pattern stays linear on a hostile 64 KiB value (runner.spec.bounds).
+    (
+        "credentials in a URL",
+        re.compile(r"\b[a-z][a-z0-9+.-]{0,31}://[^/\s:@]{1,256}:[^/\s@]{1,1024}@"),
+    ),
+    ("a GitHub token", re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30}")),
+    ("a bearer token", re.compile(r"\bBearer\s{1,8}[A-Za-z0-9._~+/-]{20}", re.IGNORECASE)),
 )
 # Keys whose names look secret-ish but are ordinary spec fields.
 _ALLOWED_SECRETISH_KEYS = frozenset({"max_steps"})
@@ -66,12 +72,38 @@ def load_spec(path: str | os.PathLike[str], *, hint: str | None = None) -> JobSp
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # Opened without blocking so a FIFO or device named as the spec cannot hang the read.
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SpecError(f"{p}: not a regular file; pass the spec file itself")
+            check_size(st.st_size, str(p))
+            raw = f.read(DEFAULT_LIMITS.max_bytes + 1)  # bounded even if it grows meanwhile
     except FileNotFoundError as e:
         raise SpecError(f"{p}: no such file" + (f"; {hint}" if hint else "")) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{p}: cannot read the spec: {e}") from e
-    return load_spec_text(text, source=str(p))
+    except IsADirectoryError as e:
+        raise SpecError(f"{p}: is a directory; pass the spec file itself") from e
+    except OSError as e:
+        raise SpecError(f"{p}: cannot read the spec: {e.strerror or e}") from e
+    check_size(len(raw), str(p))
+    return load_spec_text(decode_spec_bytes(raw, str(p)), source=str(p))
+
+
+def decode_spec_bytes(raw: bytes, source: str) -> str:
+    """Spec file bytes as text: UTF-8 (a byte-order mark is tolerated), nothing else.
+
+    Raises:
+        SpecError: the bytes are UTF-16/32 or not valid UTF-8, naming the byte offset.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
+        raise SpecError(f"{source}: the spec is UTF-16 or UTF-32 encoded; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{source}: not valid UTF-8 at byte {e.start}; save the spec as UTF-8"
+        ) from None
 
 
 def load_spec_text(text: str, source: str = "<spec>") -> JobSpec:
@@ -87,22 +119,20 @@ def load_spec_text(text: str, source: str = "<spec>") -> JobSpec:
     Raises:
         SpecError: on any problem; ``details`` lists every ``path: message``.
     """
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(f"{where}: not valid YAML: {problem}") from e
+    doc = parse_yaml(text, source)  # bounded: size, aliases, depth, items (runner.spec.bounds)
     return validate_document(doc, source=source)
 
 
 def validate_document(doc: object, source: str = "<spec>") -> JobSpec:
     """Validate an already-parsed document (e.g. a FineTuneJob read from the API).
 
+    The document is first held to the same bounds as a parsed file
+    (:func:`runner.spec.bounds.check_document`), so nothing below walks an unbounded object.
+
     Raises:
         SpecError: listing every problem as ``path: message``.
     """
+    check_document(doc, source)
     if not isinstance(doc, dict):
         raise SpecError(
             f"{source}: invalid spec",
@@ -153,6 +183,13 @@ def dump_spec(spec: JobSpec) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+# Messages for the strict types of runner.spec.model, naming the fix.
+_STRICT_MESSAGES = {
+    "bool_type": "must be true or false, unquoted (a YAML/JSON boolean; 'yes', 'on', 1 and "
+    "quoted strings are not booleans)",
+    "int_type": "must be a whole number, unquoted (not a string, a boolean or a decimal)",
+}
+
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
@@ -165,17 +202,24 @@ def _join(path: str, key: object) -> str:
 
 
 def _walk(node: object, path: str = "") -> Iterator[tuple[str, str | None, object]]:
-    """Yield ``(path, key, value)`` for every value in a nested document."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            sub = _join(path, k)
-            yield sub, str(k), v
-            yield from _walk(v, sub)
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            sub = f"{path}[{i}]"
-            yield sub, None, v
-            yield from _walk(v, sub)
+    """Yield ``(path, key, value)`` for every value in a nested document, in document order.
+
+    Iterative, so depth costs no stack; the document was bounded by
+    :func:`runner.spec.bounds.check_document` before anything walks it.
+    """
+    stack: list[tuple[str, str | None, object]] = [(path, None, node)]
+    first = True
+    while stack:
+        here, key, value = stack.pop()
+        if not first:
+            yield here, key, value
+        first = False
+        children: list[tuple[str, str | None, object]] = []
+        if isinstance(value, dict):
+            children = [(_join(here, k), str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            children = [(f"{here}[{i}]", None, v) for i, v in enumerate(value)]
+        stack.extend(reversed(children))
 
 
 def _one_line(problems: list[str]) -> list[str]:
@@ -288,6 +332,13 @@ def _format_errors(e: ValidationError, doc: object) -> list[str]:
                 msg += f"; allowed: {', '.join(allowed)}"
         elif kind == "missing":
             msg = "required field is missing"
+        elif kind in _STRICT_MESSAGES:
+            msg = _STRICT_MESSAGES[kind]
+            if path.endswith("trust_remote_code"):
+                msg += "; remote code runs only with trust_remote_code: true"
+            got = err.get("input")
+            if isinstance(got, str | int | float | bool) and len(repr(got)) < 80:
+                msg += f" (got {got!r})"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if "input" in err and kind not in {"value_error", "assertion_error"}:

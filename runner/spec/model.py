@@ -5,15 +5,44 @@ from a ConfigMap at ``/etc/qlora/job.yaml``. It is made of small frozen models, 
 with constraints in the types and cross-field rules in ``model_validator(mode="after")`` whose
 messages name the field and the fix. Deployment facts (namespace, image, S3 endpoint, GPU class
 table) are not here: they live in :mod:`runner.settings`.
+
+Types are strict where a wrong value would widen what runs or what is reachable, and plain
+everywhere else only where YAML itself makes that necessary; each field is decided on purpose:
+
+* **Booleans** (``model.trust_remote_code`` first of all, ``metrics.enabled``, ...) are
+  :data:`StrictBool`: only a YAML/JSON ``true`` or ``false``. ``"yes"``, ``"on"``, ``1`` and
+  the quoted string ``"true"`` are errors, so nothing but a literal ``true`` turns remote code on.
+* **Whole numbers** are :data:`StrictInt`: no booleans (``true`` is not ``1``), no strings, no
+  ``16.0``.
+* **Real numbers** are :data:`Real`: ints and floats, and a numeric string only because PyYAML
+  (YAML 1.1) reads ``2e-4`` as a string; never a boolean, never inf or NaN.
+* **Strings** are never made from numbers or booleans (pydantic's default). URIs and paths
+  (``model.source``, ``dataset.sources``, ``output.uri``, ``metrics.pushgateway_url``) are
+  checked for their scheme: anything else is an error, never a fallback. Credentials in a URI
+  are rejected (``runner.spec.loading`` also rejects anything that looks like a secret).
+* **Choices** are enums or ``Literal`` values: exact strings only.
+
+The size of the document itself (bytes, aliases, depth, list lengths, value lengths) is bounded
+before any of this runs: :mod:`runner.spec.bounds`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "qlora-runner.io/v1alpha1"
 KIND = "FineTuneJob"
@@ -31,6 +60,26 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 # A DNS-1123 label, shortened so that rendered names (which add a hash suffix) stay within 63.
 _NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _MODULE_RE = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+MAX_TARGET_MODULES = 64
+"""Most entries ``lora.target_modules`` may list (a model has seven projection kinds)."""
+
+
+def _real(value: object) -> object:
+    """A finite real number; a numeric string is read as one (PyYAML reads ``2e-4`` as text)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not a boolean (got {value!r})")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"must be a number (got {value!r})") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number (got {value!r})")
+    return value
+
+
+Real = Annotated[float, BeforeValidator(_real)]
+"""A float field: ints, floats and numeric strings; never a boolean, inf or NaN."""
 
 
 class _Section(BaseModel):
@@ -68,13 +117,15 @@ class ModelSpec(_Section):
     source: str = Field(
         min_length=1,
         description="Base model: a local directory (absolute or relative), 's3://bucket/prefix', "
-        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision).",
+        "or 'hf://org/name@revision' (read from the local Hugging Face cache; pin a revision); "
+        "or a GGUF file ('.gguf', local or s3://), converted once to safetensors and cached.",
         examples=["hf://meta-llama/Llama-3.1-8B-Instruct@0e9e39f", "s3://models/llama-3.1-8b"],
     )
-    trust_remote_code: bool = Field(
+    trust_remote_code: StrictBool = Field(
         False,
         description="Run Python code shipped with the model. Off unless you trust the source; "
-        "the plan says so when it is on.",
+        "only the YAML/JSON boolean true turns it on ('yes', 1 or \"true\" are errors). The "
+        "plan says so, the run logs a warning and the published manifest records it.",
     )
 
     @model_validator(mode="after")
@@ -156,8 +207,8 @@ class DatasetSpec(_Section):
         description="Chat template name for 'messages' data (e.g. 'llama-3.1', 'chatml'); "
         "default: the tokenizer's own.",
     )
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows.")
-    eval_fraction: float = Field(
+    max_samples: StrictInt | None = Field(None, ge=1, description="Use at most this many rows.")
+    eval_fraction: Real = Field(
         0.0, ge=0.0, lt=0.5, description="Fraction of rows held out for evaluation (0 = none)."
     )
 
@@ -188,17 +239,32 @@ class DatasetSpec(_Section):
 class LoraSpec(_Section):
     """LoRA adapter shape."""
 
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(
+    r: StrictInt = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: StrictInt = Field(16, ge=1, le=4096, description="LoRA alpha (scaling = alpha / r).")
+    dropout: Real = Field(
         0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 lets Unsloth use its fast path)."
     )
-    use_rslora: bool = Field(False, description="Rank-stabilised LoRA (scaling = alpha / sqrt r).")
+    use_rslora: StrictBool = Field(
+        False, description="Rank-stabilised LoRA (scaling = alpha / sqrt r)."
+    )
     target_modules: list[Annotated[str, Field(pattern=_MODULE_RE)]] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
-        description="Linear modules that get adapters; default: all seven projections.",
+        max_length=MAX_TARGET_MODULES,
+        description="Linear modules that get adapters, each listed once; default: all seven "
+        "projections. 'qlora validate' checks them against the model's architecture when its "
+        "config is known.",
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_duplicates(cls, modules: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in modules:
+            if name in seen:
+                raise ValueError(f"'{name}' is listed more than once; list each module once")
+            seen.add(name)
+        return modules
 
 
 class QuantMode(StrEnum):
@@ -219,7 +285,7 @@ class QuantizationSpec(_Section):
         "(nf4); 'dynamic-4bit' keeps sensitive modules in 16 bit; '16bit' is plain LoRA.",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    double_quant: StrictBool = Field(True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype; 'auto' is bfloat16 where supported, else float32."
     )
@@ -244,42 +310,42 @@ class TrainingSpec(_Section):
         description="'auto' uses Unsloth where CUDA and Unsloth are present, else "
         "transformers + peft + bitsandbytes.",
     )
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data.")
-    max_steps: int | None = Field(
+    epochs: Real = Field(1.0, gt=0, le=1000, description="Passes over the data.")
+    max_steps: StrictInt | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    learning_rate: Real = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule."
     )
-    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Fraction of steps warming up.")
-    weight_decay: float = Field(0.01, ge=0, le=1.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    warmup_ratio: Real = Field(0.03, ge=0, le=0.5, description="Fraction of steps warming up.")
+    weight_decay: Real = Field(0.01, ge=0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: Real = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused"] = (
         Field("adamw_8bit", description="Optimizer; 8-bit AdamW is the QLoRA default on GPUs.")
     )
-    micro_batch_size: Auto | Annotated[int, Field(ge=1, le=1024)] = Field(
+    micro_batch_size: Auto | Annotated[StrictInt, Field(ge=1, le=1024)] = Field(
         "auto", description="Sequences per forward pass; 'auto' = largest that fits the class."
     )
-    gradient_accumulation_steps: Auto | Annotated[int, Field(ge=1, le=4096)] = Field(
+    gradient_accumulation_steps: Auto | Annotated[StrictInt, Field(ge=1, le=4096)] = Field(
         "auto", description="Micro batches per optimizer step; 'auto' keeps the target batch."
     )
-    target_effective_batch_size: int = Field(
+    target_effective_batch_size: StrictInt = Field(
         16, ge=1, le=65536, description="Sequences per optimizer step the planner aims for."
     )
-    max_seq_length: int = Field(2048, ge=16, le=1_048_576, description="Tokens per sequence.")
-    packing: bool = Field(False, description="Pack several short rows into one sequence.")
-    seed: int = Field(3407, ge=0, description="Random seed for data order and LoRA init.")
-    gradient_checkpointing: bool = Field(
+    max_seq_length: StrictInt = Field(2048, ge=16, le=1_048_576, description="Tokens per sequence.")
+    packing: StrictBool = Field(False, description="Pack several short rows into one sequence.")
+    seed: StrictInt = Field(3407, ge=0, description="Random seed for data order and LoRA init.")
+    gradient_checkpointing: StrictBool = Field(
         True, description="Recompute activations in backward (Unsloth offloads them to RAM)."
     )
-    checkpoint_every_steps: int | None = Field(
+    checkpoint_every_steps: StrictInt | None = Field(
         None, ge=1, description="Write a resumable checkpoint every N optimizer steps."
     )
-    checkpoint_every_minutes: float | None = Field(
-        30.0, gt=0, description="Write a resumable checkpoint at least this often (minutes)."
+    checkpoint_every_minutes: Annotated[float, Field(gt=0), BeforeValidator(_real)] | None = Field(
+        30.0, description="Write a resumable checkpoint at least this often (minutes)."
     )
-    logging_steps: int = Field(1, ge=1, description="Log loss and throughput every N steps.")
+    logging_steps: StrictInt = Field(1, ge=1, description="Log loss and throughput every N steps.")
 
     @model_validator(mode="after")
     def _check_batch(self) -> TrainingSpec:
@@ -338,14 +404,65 @@ class ResourcesSpec(_Section):
 class MetricsSpec(_Section):
     """Prometheus exposition while the job runs, and a push when it ends."""
 
-    enabled: bool = Field(True, description="Serve /metrics while the job runs.")
-    port: int = Field(9400, ge=1024, le=65535, description="Port of the /metrics endpoint.")
+    enabled: StrictBool = Field(True, description="Serve /metrics while the job runs.")
+    port: StrictInt = Field(9400, ge=1024, le=65535, description="Port of the /metrics endpoint.")
     pushgateway_url: str | None = Field(
         None,
         pattern=r"^https?://[^\s/@]+(:[0-9]+)?(/.*)?$",
         description="Pushgateway to push final values to (http[s]://host:port); default: the "
         "deployment's setting, if any.",
     )
+
+
+class QualityGateSpec(_Section):
+    """What the evaluation must show before the adapter is published (else exit 4).
+
+    Each comparison is paired (same rows, base vs adapter) and judged against its noise: the
+    normal-approximation bound of the mean per-row difference at ``confidence``.
+    """
+
+    loss: Literal["improve", "not-worse", "ignore"] = Field(
+        "improve",
+        description="'improve': the held-out loss must be lower than the base model's beyond "
+        "noise (the default: an adapter that learned nothing cannot pass); 'not-worse': not "
+        "higher beyond noise; 'ignore'.",
+    )
+    accuracy: Literal["improve", "not-worse", "ignore"] = Field(
+        "not-worse",
+        description="Where answers are scored: 'improve', 'not-worse' (default: accuracy must "
+        "not drop beyond noise) or 'ignore'.",
+    )
+    confidence: Real = Field(0.95, ge=0.5, lt=1.0, description="Confidence of the bounds.")
+
+
+class EvaluationSpec(_Section):
+    """Held-out evaluation of base and adapter after verification, before publishing."""
+
+    enabled: StrictBool = Field(True, description="Evaluate (and gate) before publishing.")
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Held-out files (same format as dataset.sources; local or s3://); "
+        "default: dataset.eval_fraction's split, else a slice held out of training.",
+    )
+    holdout_fraction: Real = Field(
+        0.05,
+        gt=0.0,
+        lt=0.5,
+        description="Without dataset.eval_fraction, this fraction of the rows is held out of "
+        "training (seeded, before training) and evaluated on; recorded in the manifest.",
+    )
+    max_rows: StrictInt | None = Field(
+        1000, ge=1, description="Evaluate at most this many held-out rows (the first ones)."
+    )
+    scoring: Literal["auto", "choices", "exact-match", "loss"] = Field(
+        "auto",
+        description="'choices': rows list options (field choices_field), scored by the "
+        "log-likelihood of each option's answer tokens; 'exact-match': greedy decoding must "
+        "reproduce the answer; 'loss': loss and perplexity only; 'auto': choices when every "
+        "held-out row has choices_field, else loss.",
+    )
+    choices_field: str = Field("choices", description="Row field listing the answer options.")
+    gate: QualityGateSpec = Field(default_factory=QualityGateSpec, description="Quality gate.")
 
 
 class JobBody(_Section):
@@ -359,6 +476,7 @@ class JobBody(_Section):
     output: OutputSpec
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
 
 
 class JobSpec(_Section):

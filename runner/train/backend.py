@@ -75,6 +75,10 @@ class BatchShape:
         checkpoint_every_steps: Save a resumable checkpoint every N steps, or None.
         completion_only_loss: Only tokens with ``completion_mask == 1`` carry loss.
         packing: Pack several short rows into one ``max_seq_length`` sequence.
+        checkpointed_layers: Partial checkpointing: only the first this many decoder layers
+            are checkpointed (the plan's choice, :mod:`runner.train.speedups`); None = all.
+        ordered: Lay the rows out in the plan's order (:mod:`runner.train.ordering`) and read
+            them sequentially, instead of the trainer's own shuffle.
     """
 
     micro_batch_size: int
@@ -94,6 +98,8 @@ class BatchShape:
     checkpoint_every_steps: int | None = None
     completion_only_loss: bool = True
     packing: bool = False
+    checkpointed_layers: int | None = None
+    ordered: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from runner.errors import RunnerError, SpecError, missing_extra
 from runner.plan.config_schema import parse_model_config, read_config_bytes
+from runner.plan.gguf_header import GGUF_SUFFIX, is_gguf_source
 from runner.plan.model_config import hf_cache_dirs
 from runner.spec.model import ModelSourceKind, ModelSpec
 from runner.train.tokenizer_files import check_tokenizer_files, diagnose_tokenizer_failure
@@ -30,7 +31,7 @@ class BaseModel:
         path: Directory with ``config.json``, weights and tokenizer files.
         source: ``spec.model.source`` as written.
         model_id: ``org/name`` for hf://, else the directory or prefix name.
-        revision: The hub commit for hf://, else None.
+        revision: The hub commit for hf://, the file's sha256 for a GGUF file, else None.
         config_sha256: sha256 of ``config.json``.
     """
 
@@ -50,18 +51,34 @@ class BaseModel:
         }
 
 
-def resolve_model(spec: ModelSpec, fetch_dir: Callable[[str, Path], Path]) -> BaseModel:
+def resolve_model(
+    spec: ModelSpec, fetch_dir: Callable[[str, Path], Path], cache_dir: Path | None = None
+) -> BaseModel:
     """Find (or download) the base model and describe it.
+
+    A GGUF file (local or ``s3://``) is converted once to a safetensors folder in
+    ``cache_dir`` (:mod:`runner.train.gguf_convert`) and that folder is the model from then on.
 
     Args:
         spec: The model section of the job spec.
         fetch_dir: Downloads an ``s3://`` prefix into a directory (``runner.storage.fetch``).
+        cache_dir: Where converted GGUF files are cached (default: the user's cache).
 
     Raises:
         SpecError: the directory, cache entry or ``config.json`` is missing (exit code 2).
     """
     revision: str | None = None
-    if spec.source_kind is ModelSourceKind.HF:
+    if is_gguf_source(spec.source):
+        from runner.train.gguf_convert import converted_dir
+
+        local = (
+            fetch_dir(spec.source, Path("model"))
+            if spec.source_kind is ModelSourceKind.S3
+            else Path(spec.source)
+        )
+        path, revision = converted_dir(local, cache_dir)
+        model_id = local.name.removesuffix(GGUF_SUFFIX)
+    elif spec.source_kind is ModelSourceKind.HF:
         repo, wanted = spec.hf_repo
         path, revision = _hf_snapshot(repo, wanted)
         model_id = repo

@@ -19,6 +19,10 @@ least every ``training.checkpoint_every_minutes``, and after the last step. A pe
 checkpoint that fails to upload is logged and training goes on (the publish at the end needs
 the store anyway); a checkpoint asked for by SIGTERM that fails raises the
 :class:`StorageError` (exit code 5) instead of claiming a checkpoint was written.
+
+A SIGTERM at the Job's deadline is not preemption (:mod:`runner.deadline`): the same
+checkpoint is written, but the run ends with :class:`DeadlineExceededError` (exit code 11),
+which the Job's policy does not retry, and says how long it ran against which deadline.
 """
 
 from __future__ import annotations
@@ -36,7 +40,15 @@ from types import FrameType
 from typing import Any, Protocol
 
 from runner.checkpoints import CheckpointStore
-from runner.errors import PreemptedError, StorageError, VerificationError, missing_extra
+from runner.deadline import deadline_from_env, is_deadline
+from runner.errors import (
+    DeadlineExceededError,
+    PreemptedError,
+    RunnerError,
+    StorageError,
+    VerificationError,
+    missing_extra,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +62,16 @@ class PreemptionGuard:
 
     Use as a context manager around the whole run; it installs its handler in the main thread
     (elsewhere it only offers the flag) and restores the previous handler on exit.
+
+    Args:
+        deadline_s: The Job's ``activeDeadlineSeconds`` (default: ``$QLORA_ACTIVE_DEADLINE_S``);
+            a SIGTERM near it is the deadline, not preemption (:mod:`runner.deadline`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float | None = None) -> None:
+        self.deadline_s = deadline_s if deadline_s is not None else deadline_from_env()
+        self.started_at = time.monotonic()
+        self.deadline_hit = False
         self._event = threading.Event()
         self._deferring = False
         self._previous: Any = None
@@ -84,23 +103,39 @@ class PreemptionGuard:
         first = not self._event.is_set()
         if first:
             self.received_at = time.monotonic()
+            self.deadline_hit = is_deadline(self.received_at - self.started_at, self.deadline_s)
             self._event.set()
         if self._deferring or not first:
             if first:
                 log.warning(
-                    "SIGTERM: checkpointing at the end of the current step, then exiting "
+                    "SIGTERM (%s): checkpointing at the end of the current step, then exiting "
                     "(grace period %d s)",
+                    "the job's deadline" if self.deadline_hit else "eviction or preemption",
                     GRACE_PERIOD_S,
-                    extra={"preempted": True},
+                    extra={"preempted": not self.deadline_hit, "deadline": self.deadline_hit},
                 )
             return
         raise self.error()
 
-    def error(self) -> PreemptedError:
-        """The error to stop with, naming where the run was."""
+    def error(self, detail: str | None = None) -> RunnerError:
+        """The error to stop with: the deadline's, else preemption's, naming where the run was.
+
+        Args:
+            detail: What was saved, e.g. ``at step 5/10; checkpoint committed to ...``;
+                default: the phase the run was in.
+        """
+        where = detail or f"during {self.where}"
+        if self.deadline_hit:
+            ran = (self.received_at or time.monotonic()) - self.started_at
+            return DeadlineExceededError(
+                f"deadline exceeded (SIGTERM {ran:.0f} s into the run; the Job's "
+                f"activeDeadlineSeconds is {self.deadline_s:.0f} s) {where}; not preemption. "
+                "The deadline is 4x the planned runtime (at least 2 h): check why the run is "
+                "slower than planned; a new job of the same spec resumes from the newest "
+                "committed checkpoint"
+            )
         return PreemptedError(
-            f"preempted (SIGTERM) during {self.where}; a restart resumes from the newest "
-            "committed checkpoint"
+            f"preempted (SIGTERM) {where}; a restart resumes from the newest committed checkpoint"
         )
 
     def on_phase(self, phase: object) -> None:
@@ -217,10 +252,10 @@ def make_checkpoint_callback(
                     waited,
                     extra={"checkpoint_step": step, "preempted": True},
                 )
-                raise PreemptedError(
-                    f"preempted (SIGTERM) at step {step}/{int(state.max_steps or 0)}; "
+                raise guard.error(
+                    f"at step {step}/{int(state.max_steps or 0)}; "
                     f"checkpoint committed to {checkpoints.step_uri(step)} "
-                    f"{waited:.0f} s after the signal; a restart resumes from it"
+                    f"{waited:.0f} s after the signal"
                 )
 
     return CheckpointCallback()

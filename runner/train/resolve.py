@@ -77,6 +77,15 @@ def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Reso
         dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
         reasons.append(f"compute dtype auto -> {dtype}")
     precision = Precision(quant, dtype, q.quant_type, q.double_quant)
+    checkpointing, layers = t.gradient_checkpointing, None
+    if plan is not None and plan.gradient_checkpointing is not None:
+        checkpointing, layers = plan.gradient_checkpointing, plan.checkpointed_layers
+        if checkpointing != t.gradient_checkpointing or layers is not None:
+            reasons.append(
+                "plan.json: gradient checkpointing "
+                + ("off" if not checkpointing else f"on the first {layers} layers only")
+                + " (the class has room)"
+            )
     shape = BatchShape(
         micro_batch_size=micro,
         gradient_accumulation_steps=accum,
@@ -90,10 +99,11 @@ def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Reso
         max_grad_norm=t.max_grad_norm,
         optimizer=t.optimizer,
         seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
         logging_steps=t.logging_steps,
         checkpoint_every_steps=t.checkpoint_every_steps,
         completion_only_loss=body.dataset.train_on == "completions",
         packing=t.packing,
+        checkpointed_layers=layers if checkpointing else None,
     )
     return Resolved(precision, shape, tuple(reasons))

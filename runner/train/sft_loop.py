@@ -7,6 +7,7 @@ code, kept here so a fix to resume or reporting reaches both.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -14,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from runner.train.backend import BatchShape, ModelSession, TokenizedExample, TrainOutcome
+from runner.train.ordering import order_rows
 from runner.train.preemption import checkpoint_is_final
+
+log = logging.getLogger(__name__)
 
 
 def sft_args(
@@ -34,7 +38,7 @@ def sft_args(
         "per_device_train_batch_size": shape.micro_batch_size,
         "per_device_eval_batch_size": shape.micro_batch_size,
         "gradient_accumulation_steps": shape.gradient_accumulation_steps,
-        "num_train_epochs": shape.epochs,
+        "num_train_epochs": _trainer_epochs(shape),
         "max_steps": shape.max_steps if shape.max_steps is not None else -1,
         "learning_rate": shape.learning_rate,
         "lr_scheduler_type": shape.lr_scheduler,
@@ -58,7 +62,17 @@ def sft_args(
         "packing": shape.packing,
         "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0,
+        "train_sampling_strategy": "sequential" if _is_ordered(shape) else "random",
     }
+
+
+def _is_ordered(shape: BatchShape) -> bool:
+    return shape.ordered and not shape.packing
+
+
+def _trainer_epochs(shape: BatchShape) -> float:
+    # The ordered rows hold ceil(epochs) passes (runner.train.ordering).
+    return shape.epochs / math.ceil(shape.epochs) if _is_ordered(shape) else shape.epochs
 
 
 def to_dataset(
@@ -81,13 +95,38 @@ def trainer_datasets(
     train: Sequence[TokenizedExample],
     eval_data: Sequence[TokenizedExample] | None,
     shape: BatchShape,
+    *,
+    padding_free: bool = False,
 ) -> tuple[Any, Any]:
-    """The ``train_dataset`` and ``eval_dataset`` (None without held-out rows) for TRL."""
+    """The ``train_dataset`` and ``eval_dataset`` (None without held-out rows) for TRL.
+
+    With ``shape.ordered`` the training rows are laid out in the plan's order (balanced token
+    counts per micro batch when ``padding_free``, else grouped by length) and the trainer
+    reads them sequentially (:mod:`runner.train.ordering`).
+    """
 
     def make(rows: Sequence[TokenizedExample]) -> Any:
         return to_dataset(dataset_cls, rows, completion_only_loss=shape.completion_only_loss)
 
-    return make(train), make(eval_data) if eval_data else None
+    rows = train
+    if _is_ordered(shape):
+        laid = order_rows(
+            train,
+            shape.micro_batch_size,
+            shape.gradient_accumulation_steps,
+            seed=shape.seed,
+            epochs=shape.epochs,
+            padding_free=padding_free,
+        )
+        rows = laid.examples
+        log.info(
+            "row order: %d micro batches, largest %d tokens (%s)",
+            laid.micro_batches,
+            laid.peak_tokens,
+            "balanced token counts, padding-free" if padding_free else "grouped by length",
+            extra={"peak_micro_batch_tokens": laid.peak_tokens},
+        )
+    return make(rows), make(eval_data) if eval_data else None
 
 
 def run_trainer(

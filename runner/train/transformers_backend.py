@@ -26,6 +26,7 @@ from runner.train.backend import (
 )
 from runner.train.model_files import load_tokenizer, raise_model_load_error
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
+from runner.train.speedups import speed_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +204,14 @@ class TransformersBackend:
             use_cpu=not cuda,
         )
         trainer_cls = SFTTrainer if cuda else _cpu_trainer_class(SFTTrainer)
-        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape)
+        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape, padding_free=False)
         trainer = trainer_cls(
             model=session.model,
             args=config,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=session.tokenizer,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *speed_callbacks(shape)],
         )
         # Progress is logged as structured records (runner.train.progress), not printed.
         trainer.remove_callback(PrinterCallback)

@@ -39,6 +39,7 @@ from runner.train.backend import (
 )
 from runner.train.model_files import raise_model_load_error
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
+from runner.train.speedups import enable_varlen_attention, speed_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,13 @@ class UnslothBackend:
         model, tokenizer = self._from_pretrained(
             model_dir, precision, max_seq_length, trust_remote_code, notes
         )
+        varlen = enable_varlen_attention()
+        log.info("padding-free attention: %s", varlen, extra={"varlen_attention": varlen})
+        if varlen == "patched":
+            notes.append(
+                "padding-free rows attend with PyTorch's flash varlen kernel, one launch per "
+                "layer (runner.train.speedups)"
+            )
         available = linear_module_names(model)
         missing = [m for m in lora.target_modules if m not in available]
         if missing:
@@ -209,14 +217,14 @@ class UnslothBackend:
 
         quiet_progress_bars()
         config = SFTConfig(**unsloth_sft_args(shape, output_dir, session.precision.compute_dtype))
-        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape)
+        train_ds, eval_ds = trainer_datasets(Dataset, train, eval_data, shape, padding_free=True)
         trainer = SFTTrainer(
             model=session.model,
             args=config,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=session.tokenizer,
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, *speed_callbacks(shape)],
         )
         trainer.remove_callback(PrinterCallback)
         if shape.completion_only_loss:

@@ -7,8 +7,10 @@ Chart name, overridable with nameOverride.
 
 {{/*
 Fully qualified app name. Truncated to 63 characters because some Kubernetes name fields are
-limited to that (DNS-1123 labels); a release name that already contains the chart name is used
-as is.
+limited to that (DNS-1123 labels). The name is never doubled: a release name that already
+contains the chart name is used as is ("qlora-runner", "team-a-qlora-runner"), and so is the
+chart name when it starts with the release name ("qlora" -> "qlora-runner", not
+"qlora-qlora-runner").
 */}}
 {{- define "qlora-runner.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -17,6 +19,8 @@ as is.
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else if hasPrefix (printf "%s-" .Release.Name) $name }}
+{{- $name | trunc 63 | trimSuffix "-" }}
 {{- else }}
 {{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
 {{- end }}
