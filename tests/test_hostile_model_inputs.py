@@ -220,6 +220,6 @@ def test_a_near_miss_layout_gets_the_mapping(tiny_model_dir: Path, tmp_path: Pat
         tmp_path / "work",
     )
     result.assert_user_error(
-        "dataset.sources[0]: row 1: missing field 'instruction'",
+        "missing field 'instruction' (the row has 'question', 'answer')",
         "use dataset: {format: alpaca, fields: {instruction: question, output: answer}}",
     )
