@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from runner.errors import SpecError
@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         description="Address the /metrics endpoint of a running job listens on "
         "(the port is spec.metrics.port).",
     )
+    host_network: bool = Field(
+        False, description="Run the training pods in the node's network namespace "
+        "(hostNetwork), for clusters whose S3 endpoint or Pushgateway is only on the node's "
+        "own addresses (e.g. a one-node test cluster on 127.0.0.1).",
+    )
     gpu_classes_file: str | None = Field(
         None, description="YAML file with the GPU class table (default: the bundled table)."
     )
@@ -90,6 +95,63 @@ class Settings(BaseSettings):
         description="Out-of-memory re-plan attempt of this pod (0 first); rendered Jobs set it "
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
     )
+
+    # -- the operator (qlora operator): its HTTP endpoint, leader election, work queue ------
+    operator_metrics_port: int = Field(
+        8080, ge=0, le=65535,
+        description="Port of the operator's /healthz, /readyz and /metrics endpoint "
+        "(0: any free port).",
+    )
+    operator_bind_address: str = Field(
+        "0.0.0.0", description="Address the operator's health and metrics endpoint listens on."
+    )
+    operator_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces a namespace-scoped operator watches (a Role in each); empty: "
+        "only QLORA_NAMESPACE. In the environment a JSON list, e.g. '[\"team-a\",\"team-b\"]'.",
+    )
+    operator_leader_election: bool = Field(
+        True, description="Elect one leader through a coordination.k8s.io/v1 Lease; only the "
+        "leader reconciles, the other replicas stand by.",
+    )
+    operator_lease_name: str = Field("qlora-operator", description="Name of the Lease.")
+    operator_lease_namespace: str | None = Field(
+        None, description="Namespace of the Lease: the operator's own (default: "
+        "QLORA_NAMESPACE).",
+    )
+    operator_lease_duration_s: float = Field(
+        15.0, gt=0, description="How long a standby waits after the leader's last renewal "
+        "before it takes over (client-go's default, seconds).",
+    )
+    operator_renew_deadline_s: float = Field(
+        10.0, gt=0, description="How long the leader keeps trying to renew before it stops "
+        "reconciling (seconds; less than the lease duration).",
+    )
+    operator_retry_period_s: float = Field(
+        2.0, gt=0, description="Pause between two tries to acquire or renew the Lease (seconds).",
+    )
+    operator_workers: int = Field(
+        4, ge=1, le=64, description="FineTuneJobs reconciled at the same time."
+    )
+    operator_retry_base_delay_s: float = Field(
+        0.5, gt=0, description="First retry delay of a FineTuneJob whose reconcile failed; "
+        "doubles per failure (seconds).",
+    )
+    operator_retry_max_delay_s: float = Field(
+        300.0, gt=0, description="Cap of the per-FineTuneJob retry delay (seconds).",
+    )
+
+    @model_validator(mode="after")
+    def _leader_timings(self) -> Settings:
+        if not self.operator_lease_duration_s > self.operator_renew_deadline_s \
+                > self.operator_retry_period_s:
+            raise ValueError(
+                "QLORA_OPERATOR_LEASE_DURATION_S > QLORA_OPERATOR_RENEW_DEADLINE_S > "
+                "QLORA_OPERATOR_RETRY_PERIOD_S must hold (client-go's rule), got "
+                f"{self.operator_lease_duration_s:g}, {self.operator_renew_deadline_s:g}, "
+                f"{self.operator_retry_period_s:g}"
+            )
+        return self
 
     @field_validator("*", mode="before")
     @classmethod
@@ -134,6 +196,7 @@ def load_settings() -> Settings:
         lines = [
             f"QLORA_{'_'.join(str(p) for p in err['loc']).upper()}: "
             f"{err['msg'].removeprefix('Value error, ')}"
+            if err["loc"] else str(err["msg"]).removeprefix("Value error, ")
             for err in e.errors(include_url=False)
         ]
         raise SpecError("invalid settings in the QLORA_* environment", lines) from e

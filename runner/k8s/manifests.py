@@ -339,6 +339,9 @@ def _pod_spec(
     pod["containers"][0]["env"].append(
         {"name": DEADLINE_ENV, "value": str(active_deadline_s(plan, policy))}
     )
+    if settings.host_network:
+        pod["hostNetwork"] = True
+        pod["dnsPolicy"] = "ClusterFirstWithHostNet"
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
