@@ -191,6 +191,11 @@ def _run(
     metrics.open(job, run_id)
     body = job.spec
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
+    work = Path(settings.work_dir) / job.metadata.name
+    if rank.world_size > 1:  # ranks of one node share the disk, not their scratch files
+        work = work / f"rank-{rank.rank}"
+    fetcher = _fetcher(work, settings)
+    base = resolve_model(body.model, fetcher, _cache_dir(settings))  # config.json checked first
     backend = select_backend(
         body.training.backend, world_size=rank.world_size, unsloth_ddp=settings.unsloth_ddp
     )
@@ -208,11 +213,6 @@ def _run(
         plan=plan,
         shape=decided.shape,
     )
-    work = Path(settings.work_dir) / job.metadata.name
-    if rank.world_size > 1:  # ranks of one node share the disk, not their scratch files
-        work = work / f"rank-{rank.rank}"
-    fetcher = _fetcher(work, settings)
-    base = resolve_model(body.model, fetcher, _cache_dir(settings))
     if plan is None and cuda:  # no plan even for this card: still put an estimate beside
         estimated = estimate_without_plan(
             job,
@@ -242,7 +242,7 @@ def _run(
                 body.evaluation.max_rows,
             )
             data = dataclasses.replace(data, train=train_only)
-        template = resolve_chat_template(body.dataset, tokenizer)
+        template = resolve_chat_template(body.dataset, tokenizer, base.path)
         train_rows = format_rows(data.train, body.dataset, tokenizer, template)
         train, report = preflight(train_rows, tokenizer, max_len)
         eval_data, eval_report = None, None
@@ -436,7 +436,7 @@ def _evaluate(
     body: Any,
     held: Any,
     session: Any,
-    template: str | None,
+    template: Any,  # a compiled runner.train.template_sandbox.ChatTemplate, or None
     max_len: int,
     work: Path,
     micro_batch: int,

@@ -169,6 +169,8 @@ class DatasetFormat(StrEnum):
     ALPACA = "alpaca"
     PROMPT_COMPLETION = "prompt-completion"
     TEXT = "text"
+    SHAREGPT = "sharegpt"
+    """``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` chat dumps."""
 
 
 class FieldMap(_Section):
@@ -181,6 +183,9 @@ class FieldMap(_Section):
     input: str = Field("input", description="Optional input column (alpaca).")
     output: str = Field("output", description="Answer column (alpaca).")
     text: str = Field("text", description="Raw text column (text).")
+    conversations: str = Field(
+        "conversations", description="Turn list of {from, value} (sharegpt)."
+    )
 
 
 class DatasetSpec(_Section):
