@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from runner import launch
 from runner.errors import ExitCode, StuckError, missing_extra
 from runner.settings import Settings
 from runner.termination import failure_message, report
+from runner.train import distributed
 
 log = logging.getLogger("runner.watchdog")
 
@@ -51,7 +53,9 @@ EXIT_GRACE_S = 10.0
 
 
 def _exit(error: StuckError) -> None:
-    """End the process now with the error's exit code (flushing the log first)."""
+    """End the process now with the error's exit code (recorded for a torchrun group's parent,
+    :mod:`runner.launch`; the log flushed first)."""
+    launch.record_exit(distributed.current().rank, int(error.exit_code))
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
@@ -156,7 +160,8 @@ class Watchdog:
             error.message,
             extra={"stuck": True, **fields, "exit_code": int(error.exit_code)},
         )
-        report(failure_message(error))
+        if distributed.current().is_main:  # one termination message per pod (ranks share it)
+            report(failure_message(error))
         self._on_expiry(error)
 
 

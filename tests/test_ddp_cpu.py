@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from runner.deadline import POD_NAME_ENV
 from tests.conftest import REPO, STRICT
 
 try:
@@ -130,6 +131,7 @@ def start_logged(spec: Path, work: Path, log: Path) -> subprocess.Popen[str]:
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(REPO),
         "QLORA_DDP_TIMEOUT_S": "60",
+        POD_NAME_ENV: "ddp-0",  # as in a pod: a SIGTERM is preemption (exit 7), not a stop
     }
     with log.open("w", encoding="utf-8") as fh:  # the child keeps its own descriptor
         return subprocess.Popen(

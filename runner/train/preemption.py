@@ -169,11 +169,12 @@ class PreemptionGuard:
         """Another rank received SIGTERM: stop at this step like it (DDP, see the callback)."""
         if not self._event.is_set():
             self.received_at = time.monotonic()
+            self.deadline_hit = is_deadline(self.received_at - self.started_at, self.deadline_s)
             self._event.set()
             log.warning(
                 "another rank received SIGTERM: checkpointing at the end of this step, then "
                 "exiting",
-                extra={"preempted": True},
+                extra={"preempted": self.cause == _PREEMPTION},
             )
 
     def on_phase(self, phase: object) -> None:
@@ -282,8 +283,8 @@ def make_checkpoint_callback(
                 # it once; the others wait for that commit before exiting on SIGTERM.
                 if guard.preempted:
                     distributed.barrier()
-                    raise PreemptedError(
-                        f"preempted (SIGTERM) at step {step}/{int(state.max_steps or 0)}; "
+                    raise guard.error(
+                        f"at step {step}/{int(state.max_steps or 0)}; "
                         "rank 0 committed the checkpoint"
                     )
                 return
