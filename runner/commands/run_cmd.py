@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "exit codes: 0 published | 2 invalid spec or data (preflight) | 4 adapter failed "
         "verification or the quality gate, nothing published | 5 storage | 6 CUDA out of "
         "memory | 7 preempted, checkpoint written | 10 training extra missing | 11 deadline "
-        "exceeded (SIGTERM at the Job's deadline), checkpoint written\n\n"
+        "exceeded (SIGTERM at the Job's deadline), checkpoint written | 12 stopped by a "
+        "signal (SIGTERM outside Kubernetes), checkpoint written | 13 stuck: a phase over "
+        "its QLORA_*_BUDGET_S / QLORA_TRAINING_STALL_S\n\n"
         "example: qlora run --spec examples/tiny-cpu.yaml",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
