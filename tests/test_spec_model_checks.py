@@ -27,10 +27,14 @@ def spec_file(tmp_path: Path, source: str, **lora_training: object) -> Path:
     return path
 
 
+# The shape fields every decoder-only config.json has (runner.plan.config_schema checks them).
+SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}
+
+
 def model_dir(tmp_path: Path, **config: object) -> Path:
     d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPE, **config}))
     return d
 
 
@@ -98,7 +102,7 @@ def test_a_wrongly_typed_position_count_is_exit_2(
 ) -> None:
     model = model_dir(tmp_path, max_position_embeddings="4096")
     rc, _, err = validate(spec_file(tmp_path, str(model)), capsys)
-    assert rc == 2 and "max_position_embeddings must be a positive whole number" in err
+    assert rc == 2 and "max_position_embeddings: must be an integer" in err
 
 
 def test_a_broken_local_config_is_exit_2_not_a_crash(
@@ -108,7 +112,7 @@ def test_a_broken_local_config_is_exit_2_not_a_crash(
     d.mkdir()
     (d / "config.json").write_text("{not json")
     rc, _, err = validate(spec_file(tmp_path, str(d)), capsys)
-    assert rc == 2 and "config.json is not valid JSON" in err and "internal" not in err
+    assert rc == 2 and "config.json: not valid JSON" in err and "internal" not in err
 
 
 def test_an_unknown_family_or_missing_config_is_not_checked(
