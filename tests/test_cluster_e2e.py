@@ -310,7 +310,10 @@ def operator_release(
             cluster.cp.wait_for("the operator pod Ready", operator_ready, 150, 1.0)
         except AssertionError as e:
             pods = [(p["metadata"]["name"], p["status"]) for p in cluster.cp.pods(ns)]
-            raise AssertionError(f"{e}: {json.dumps(pods)[:3000]}") from e
+            logs = [_kubectl(cluster, "logs", "-n", ns, str(p[0]), "--tail=30").stdout
+                    for p in pods]
+            raise AssertionError(f"{e}: {json.dumps(pods)[:3000]}; operator log: "
+                                 f"{logs!r:.6000}") from e
         yield Release(ns=ns, env=env)
     finally:
         _helm(cluster, "uninstall", "ft", "--namespace", ns)
