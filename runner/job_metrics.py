@@ -19,6 +19,7 @@ The recipe's calls, in order::
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from runner.metrics import MetricsServer, Phase, RunMetrics, push_metrics
@@ -42,10 +43,20 @@ class JobMetrics:
         metrics: The values; fresh ones (on a registry of their own) when omitted.
     """
 
-    def __init__(self, settings: Settings, metrics: RunMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: RunMetrics | None = None,
+        *,
+        rank: int = 0,
+        local_rank: int = 0,
+    ) -> None:
         self.settings = settings
+        # Each rank serves its own /metrics (port + local rank); rank 0 pushes the totals.
+        self.rank, self.local_rank = rank, local_rank
         self.metrics = metrics if metrics is not None else RunMetrics()
         self.metrics.start()
+        self.metrics.set_rank(rank, int(os.environ.get("WORLD_SIZE", "1")))
         self.metrics.attempt.set(settings.attempt)
         self.job: str | None = None
         self.run_id: str | None = None
@@ -73,7 +84,9 @@ class JobMetrics:
         )
         if body.metrics.enabled and self.server is None:
             self.server = MetricsServer(
-                self.metrics, body.metrics.port, self.settings.metrics_bind_address
+                self.metrics,
+                body.metrics.port + self.local_rank,
+                self.settings.metrics_bind_address,
             )
             self.server.start()
         return self.metrics
@@ -138,7 +151,7 @@ class JobMetrics:
         try:
             self._record_memory()
             self.metrics.finish(exit_code)
-            if self.pushgateway_url and self.job:
+            if self.pushgateway_url and self.job and self.rank == 0:
                 self.pushed = push_metrics(
                     self.metrics,
                     self.pushgateway_url,

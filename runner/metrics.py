@@ -178,6 +178,22 @@ class RunMetrics:
         )
         self.samples_rate = gauge("train_samples_per_second", "Recent throughput in sequences.")
 
+        # Data parallelism: the same values once more with this process's rank (every rank
+        # serves its own /metrics; a dashboard sums or compares ranks by this label).
+        self.rank = "0"
+        self.rank_info = gauge(
+            "rank_info", "Always 1; this process's DDP rank and the world size.",
+            ("rank", "world_size"),
+        )  # fmt: skip
+        self.rank_peak_reserved = gauge(
+            "rank_gpu_memory_peak_reserved_bytes",
+            "Highest reserved GPU memory of a rank.",
+            ["rank"],
+        )
+        self.rank_tokens_rate = gauge(
+            "rank_train_tokens_per_second", "Recent throughput of a rank in tokens.", ["rank"]
+        )
+
         # Checkpoints in object storage and resume (runner.train.preemption).
         self.checkpoint_step = gauge(
             "checkpoint_last_step", "Optimizer step of the newest committed checkpoint (0: none)."
@@ -245,6 +261,12 @@ class RunMetrics:
             job_name=job_name, backend=backend, gpu_class=gpu_class, quant_mode=quant_mode
         ).set(1)
 
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """Name this process's DDP rank (``rank`` label of the per-rank metrics)."""
+        self.rank = str(rank)
+        self.rank_info.clear()
+        self.rank_info.labels(rank=self.rank, world_size=str(world_size)).set(1)
+
     def set_plan(
         self,
         *,
@@ -297,6 +319,7 @@ class RunMetrics:
         self.mem_peak_allocated.labels(device=d).set(mem.peak_allocated)
         self.mem_peak_reserved.labels(device=d).set(mem.peak_reserved)
         self.mem_total.labels(device=d).set(mem.total)
+        self.rank_peak_reserved.labels(rank=self.rank).set(mem.peak_reserved)
 
     def set_progress(
         self, *, step: int, max_steps: int, epoch: float, eta_s: float | None = None
@@ -339,6 +362,7 @@ class RunMetrics:
     ) -> None:
         """Record the recent throughput."""
         self.tokens_rate.set(tokens_per_s)
+        self.rank_tokens_rate.labels(rank=self.rank).set(tokens_per_s)
         self.loss_tokens_rate.set(loss_tokens_per_s)
         self.samples_rate.set(samples_per_s)
 

@@ -108,14 +108,19 @@ def run(
     Raises:
         RunnerError: a subclass whose ``exit_code`` is the documented exit code.
     """
+    from runner.train import distributed
+
     settings = settings or load_settings()
     started = time.monotonic()
-    metrics = JobMetrics(settings)  # served once the spec names the port; pushed in `finally`
+    rank = distributed.current()  # rank 0 of 1 unless torchrun started this process
+    # Served once the spec names the port (+ local rank); rank 0 alone pushes the job's totals.
+    metrics = JobMetrics(settings, rank=rank.rank, local_rank=rank.local_rank)
     guard = PreemptionGuard()  # SIGTERM: checkpoint, then exit 7 (runner.train.preemption)
     phase = _PhaseTracker((guard.on_phase, *on_phase, metrics.set_phase))
     exit_code = int(ExitCode.INTERNAL)
     try:
         with guard:
+            distributed.init(rank, settings.ddp_timeout_s)
             result = _run(resolve_spec_path(spec_path), settings, callbacks, phase, metrics, guard)
         exit_code = int(ExitCode.OK)
     except BaseException as e:
@@ -124,6 +129,7 @@ def run(
         raise
     finally:
         metrics.close(exit_code)
+        distributed.close()
     phase.enter(Phase.SUCCEEDED, run_id=result.run_id, runtime_s=time.monotonic() - started)
     return result
 
@@ -150,7 +156,7 @@ def _run(
     # Imported here so `qlora --help` and the pure commands never load the training modules.
     from runner.checkpoints import CheckpointStore, checkpoint_identity
     from runner.publish import new_run_id, publish_adapter
-    from runner.train import select_backend
+    from runner.train import distributed, select_backend
     from runner.train.backend import cuda_available, cuda_bf16_supported, release_device_memory
     from runner.train.dataset import load_rows
     from runner.train.evaluate import held_out
@@ -169,7 +175,8 @@ def _run(
     )
 
     # 1. loading
-    phase.enter(Phase.LOADING, spec=spec_path)
+    rank = distributed.current()
+    phase.enter(Phase.LOADING, spec=spec_path, rank=rank.rank, world_size=rank.world_size)
     from runner.train.speedups import apply_compile_cache_env
 
     apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
@@ -184,11 +191,20 @@ def _run(
     metrics.open(job, run_id)
     body = job.spec
     plan = _read_plan(Path(spec_path).parent / PLAN_FILE)
-    backend = select_backend(body.training.backend)
+    work = Path(settings.work_dir) / job.metadata.name
+    if rank.world_size > 1:  # ranks of one node share the disk, not their scratch files
+        work = work / f"rank-{rank.rank}"
+    fetcher = _fetcher(work, settings)
+    base = resolve_model(body.model, fetcher, _cache_dir(settings))  # config.json checked first
+    backend = select_backend(
+        body.training.backend, world_size=rank.world_size, unsloth_ddp=settings.unsloth_ddp
+    )
     cuda = cuda_available()
     if plan is None and cuda:  # by hand on a GPU: plan for the card that is there
         plan = plan_this_card(job, settings, backend.name)
-    decided = resolve(body, plan, cuda=cuda, bf16=cuda_bf16_supported())
+    decided = resolve(
+        body, plan, cuda=cuda, bf16=cuda_bf16_supported(), world_size=rank.world_size
+    )
     for reason in decided.reasons:
         log.info("resolved: %s", reason)
     metrics.describe(
@@ -197,9 +213,6 @@ def _run(
         plan=plan,
         shape=decided.shape,
     )
-    work = Path(settings.work_dir) / job.metadata.name
-    fetcher = _fetcher(work, settings)
-    base = resolve_model(body.model, fetcher, _cache_dir(settings))
     if plan is None and cuda:  # no plan even for this card: still put an estimate beside
         estimated = estimate_without_plan(
             job,
@@ -210,30 +223,37 @@ def _run(
         )
         if estimated is not None:
             metrics.set_estimate(estimated)
-    data = load_rows(body.dataset, fetcher, seed=body.training.seed)
-    held = None
-    if body.evaluation.enabled:  # carved before training, so no scored row is trained on
-        extra = body.evaluation.sources
-        train_only, held = held_out(
-            data.train,
-            _eval_rows(body, fetcher) if extra else data.eval,
-            body.evaluation.holdout_fraction,
-            body.training.seed,
-            body.evaluation.max_rows,
-        )
-        data = dataclasses.replace(data, train=train_only)
     tokenizer = load_tokenizer(base.path, body.model.trust_remote_code)
 
-    # 2. preflight
+    # 2. preflight (rank 0 reads and tokenizes once; the other ranks get its result)
     phase.enter(Phase.PREFLIGHT)
-    template = resolve_chat_template(body.dataset, tokenizer)
     max_len = decided.shape.max_seq_length
-    train_rows = format_rows(data.train, body.dataset, tokenizer, template)
-    train, report = preflight(train_rows, tokenizer, max_len)
-    eval_data, eval_report = None, None
-    if data.eval:
-        eval_rows = format_rows(data.eval, body.dataset, tokenizer, template)
-        eval_data, eval_report = preflight(eval_rows, tokenizer, max_len, name="eval")
+
+    def prepare() -> Any:
+        data = load_rows(body.dataset, fetcher, seed=body.training.seed)
+        held = None
+        if body.evaluation.enabled:  # carved before training, so no scored row is trained on
+            extra = body.evaluation.sources
+            train_only, held = held_out(
+                data.train,
+                _eval_rows(body, fetcher) if extra else data.eval,
+                body.evaluation.holdout_fraction,
+                body.training.seed,
+                body.evaluation.max_rows,
+            )
+            data = dataclasses.replace(data, train=train_only)
+        template = resolve_chat_template(body.dataset, tokenizer, base.path)
+        train_rows = format_rows(data.train, body.dataset, tokenizer, template)
+        train, report = preflight(train_rows, tokenizer, max_len)
+        eval_data, eval_report = None, None
+        if data.eval:
+            eval_rows = format_rows(data.eval, body.dataset, tokenizer, template)
+            eval_data, eval_report = preflight(eval_rows, tokenizer, max_len, name="eval")
+        return data, held, template, train, report, eval_data, eval_report
+
+    data, held, template, train, report, eval_data, eval_report = distributed.share_from_main(
+        rank, prepare
+    )
     log.info(
         "preflight: %d rows, %d tokens, %.1f%% carry loss, %.1f%% of rows truncated",
         report.rows,
@@ -258,7 +278,9 @@ def _run(
             job,
             dataset_fingerprint=data.fingerprint,
             base_model_config_sha256=base.config_sha256,
-            effective_batch_size=shape.micro_batch_size * shape.gradient_accumulation_steps,
+            effective_batch_size=shape.micro_batch_size
+            * shape.gradient_accumulation_steps
+            * rank.world_size,
             quant_mode=decided.precision.quant_mode,
             compute_dtype=decided.precision.compute_dtype,
         ),
@@ -307,7 +329,14 @@ def _run(
         _fmt(outcome.first_loss),
         _fmt(outcome.last_loss),
         outcome.runtime_s,
+        extra={
+            "rank": rank.rank,
+            "world_size": distributed.world_size(),
+            "lora_sha256": lora_digest(after),
+        },
     )
+    if not rank.is_main:  # rank 0 alone verifies, saves, publishes and reports
+        return RunResult(run_id, "", "", {"rank": rank.rank, "steps": outcome.steps})
 
     # 4. verifying
     phase.enter(Phase.VERIFYING)
@@ -383,6 +412,16 @@ def _run(
     return RunResult(published.run_id, published.run_uri, published.manifest_uri, meta)
 
 
+def lora_digest(tensors: Any) -> str:
+    """sha256 over the LoRA tensors by name: equal on every rank of a healthy DDP run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(f"{name}={tensors[name].sha256};".encode())
+    return h.hexdigest()
+
+
 def _eval_rows(body: Any, fetcher: Any) -> Any:
     """The rows of ``evaluation.sources``, read like the training data."""
     from runner.train.dataset import load_rows
@@ -397,7 +436,7 @@ def _evaluate(
     body: Any,
     held: Any,
     session: Any,
-    template: str | None,
+    template: Any,  # a compiled runner.train.template_sandbox.ChatTemplate, or None
     max_len: int,
     work: Path,
     micro_batch: int,

@@ -89,6 +89,32 @@ class Settings(BaseSettings):
     storage_retries: int = Field(
         5, ge=0, le=20, description="Retries (with backoff) for a failing storage call."
     )
+    unsloth_ddp: bool = Field(
+        False,
+        description="Let Unsloth train with several ranks (torchrun). Off until its DDP path "
+        "has passed the multi-GPU tests: backend auto then picks transformers for world size "
+        "> 1, and backend unsloth with world size > 1 is an error.",
+    )
+    multi_node_target: Literal["indexed-job", "jobset", "trainjob"] = Field(
+        "indexed-job",
+        description="What a job over several nodes renders as: a batch/v1 Indexed Job with a "
+        "headless Service, a JobSet (jobset.x-k8s.io/v1alpha2) or a Kubeflow Trainer "
+        "TrainJob (trainer.kubeflow.org/v1alpha1).",
+    )
+    ddp_timeout_s: int = Field(
+        900,
+        ge=30,
+        le=86400,
+        description="Collective timeout of a run over several ranks: long enough for rank 0 "
+        "to tokenize the data and commit a checkpoint, short enough that a dead rank fails "
+        "the group instead of hanging it.",
+    )
+    max_gpus_per_node: int = Field(
+        8, ge=1, le=16, description="Most GPUs per node the planner may choose with 'auto'."
+    )
+    max_nodes: int = Field(
+        4, ge=1, le=64, description="Most nodes the planner may choose with 'auto'."
+    )
     attempt: int = Field(
         0,
         ge=0,

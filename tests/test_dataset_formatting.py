@@ -127,7 +127,7 @@ def test_unknown_chat_template_names_the_choices(tiny_tokenizer: Any) -> None:
         pytest.param(
             {"format": "prompt-completion"},
             [{"prompt": "a", "completion": "b"}, {"prompt": "a"}],
-            r"^dataset.sources\[0\]: row 2: missing field 'completion'$",
+            r"^dataset.sources\[0\]: row 2: missing field 'completion' \(the row has 'prompt'\)$",
             id="missing-field",
         ),
         pytest.param(
@@ -199,7 +199,7 @@ def _write(tmp_path: Path, name: str, content: str | bytes) -> str:
         pytest.param("d.jsonl", "", r"no rows in .*the training data is empty", id="empty"),
         pytest.param("d.json", '{"a": 1}', r"must be a list of objects", id="json-not-list"),
         pytest.param("d.csv", "a,b", r"unsupported file type", id="suffix"),
-        pytest.param("d.jsonl", b"\xff\xfe", r"not UTF-8", id="binary"),
+        pytest.param("d.jsonl", b"\xff\xfe", r"UTF-16", id="utf-16"),
         pytest.param("d.parquet", b"PAR1garbage", r"not a readable Parquet file", id="parquet"),
     ],
 )

@@ -145,13 +145,17 @@ def test_templated_crd_is_the_generated_one() -> None:
     assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
 
 
+def _operator_roles(docs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [r for r in docs.get("Role", []) if not r["metadata"]["name"].endswith("-election")]
+
+
 def test_rbac_scope_follows_watch_all_namespaces(tmp_path: Path) -> None:
     namespaced = by_kind(template())
-    (role,) = namespaced["Role"]
+    (role,) = _operator_roles(namespaced)
     assert role["metadata"]["namespace"] == "ml"
     assert "ClusterRole" not in namespaced
     cluster = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
-    assert "Role" not in cluster and "ClusterRole" in cluster
+    assert not _operator_roles(cluster) and "ClusterRole" in cluster
     (deploy,) = cluster["Deployment"]
     assert "--all-namespaces" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     (binding,) = cluster["ClusterRoleBinding"]
@@ -191,12 +195,41 @@ def test_operator_endpoint_is_probed_and_scraped(variant: Path) -> None:
 
 
 def test_manifests_and_chart_grant_the_same_rules() -> None:
-    chart_role = by_kind(template())["Role"][0]
+    chart = by_kind(template())
+    chart_rules = [rule for role in chart["Role"] for rule in role["rules"]]
     docs = yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text(encoding="utf-8"))
     plain_role = next(d for d in docs if d["kind"] == "Role")
-    assert rbac_grants(chart_role["rules"]) == rbac_grants(plain_role["rules"])
-    cluster_role = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))["ClusterRole"]
-    assert rbac_grants(cluster_role[0]["rules"]) == rbac_grants(plain_role["rules"])
+    assert rbac_grants(chart_rules) == rbac_grants(plain_role["rules"])
+    cluster = by_kind(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    cluster_rules = cluster["ClusterRole"][0]["rules"] + cluster["Role"][0]["rules"]
+    assert rbac_grants(cluster_rules) == rbac_grants(plain_role["rules"])
+
+
+def test_leader_election_and_tenants() -> None:
+    """Two replicas by default, each Lease verb limited to the release's Lease, and a
+    namespace-scoped install with a Role per tenant namespace and no ClusterRole."""
+    docs = by_kind(template())
+    (deploy,) = docs["Deployment"]
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    env = operator_env(template())
+    (election,) = [r for r in docs["Role"] if r["metadata"]["name"].endswith("-election")]
+    assert election["metadata"]["namespace"] == "ml" == env["QLORA_OPERATOR_LEASE_NAMESPACE"]
+    cluster_env = operator_env(template(str(CHART / "ci" / "cluster-wide-values.yaml")))
+    assert cluster_env["QLORA_OPERATOR_LEASE_NAMESPACE"] == "ml" != cluster_env["QLORA_NAMESPACE"]
+    named = [r for r in election["rules"] if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": [env["QLORA_OPERATOR_LEASE_NAME"]],
+                      "verbs": ["get", "update"]}]
+    tenants = by_kind(template(str(CHART / "ci" / "tenants-values.yaml")))
+    assert "ClusterRole" not in tenants
+    assert sorted(r["metadata"]["namespace"] for r in _operator_roles(tenants)) == [
+        "team-a", "team-b"]
+    bindings = [b for b in tenants["RoleBinding"] if not b["metadata"]["name"].endswith(
+        "-election")]
+    assert {b["subjects"][0]["namespace"] for b in bindings} == {"ml"}
+    settings = settings_from(operator_env(template(str(CHART / "ci" / "tenants-values.yaml"))))
+    assert settings.operator_namespaces == ["team-a", "team-b"]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import yaml
 
 from runner.k8s import names
 from runner.k8s.client import KubeClient, load_client
-from runner.k8s.operator import RBAC_RULES, Operator
+from runner.k8s.operator import LEADER_ELECTION_RULES, RBAC_RULES, Operator
 from runner.k8s.status import termination_message
 from runner.settings import Settings
 from tests.fixtures.kube import ControlPlane
@@ -92,7 +92,20 @@ def _granted(cp: ControlPlane, user: str, ns: str) -> set[tuple[str, str, str]]:
 
 
 def _declared() -> set[tuple[str, str, str]]:
-    return {(g, r, v) for g, r, verbs in RBAC_RULES for v in verbs}
+    return {(g, r, v) for g, r, verbs in RBAC_RULES for v in verbs} | {
+        (g, r, v) for g, r, verbs, _ in LEADER_ELECTION_RULES for v in verbs}
+
+
+def _can_lease(cp: ControlPlane, user: str, ns: str, verb: str, name: str = "") -> bool:
+    review = {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": {"namespace": ns, "verb": verb,
+                                        "group": "coordination.k8s.io", "resource": "leases",
+                                        "name": name}},
+    }
+    out = cp.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review,
+                     headers={"Impersonate-User": user})
+    return bool(out["status"].get("allowed"))
 
 
 def _reconcile_to_success(cp: ControlPlane, api: KubeClient, ns: str, name: str) -> None:
@@ -154,6 +167,15 @@ def test_manifests_grant_the_operator_exactly_the_declared_rules(
         "the operator watches only its own namespace; bind a Role there, not a ClusterRole")
     allowed = [n for n in NEVER if _can(cp, user, ns, *n)]
     assert allowed == []
+    # Leader election: exactly get, create and update, get/update only of its own Lease.
+    lease = LEADER_ELECTION_RULES[1][3][0]
+    assert [v for v in ("get", "update", "create") if _can_lease(cp, user, ns, v, lease)] == [
+        "get", "update", "create"]
+    assert not _can_lease(cp, user, ns, "get", "someone-elses-lease")
+    assert not _can_lease(cp, user, ns, "update", "someone-elses-lease")
+    assert [v for v in ("list", "watch", "patch", "delete", "deletecollection")
+            if _can_lease(cp, user, ns, v, lease)] == []
+    assert not _can_lease(cp, user, other, "create")
     # And the real thing, as that ServiceAccount: a whole reconcile in its namespace.
     try:
         _reconcile_to_success(cp, _as(cp, user), ns, "rbac-manifests")

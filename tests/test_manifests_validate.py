@@ -11,6 +11,7 @@ not know ``podFailurePolicy`` at all, so these checks are the only ones it gets.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
@@ -22,7 +23,7 @@ import pytest
 import yaml
 
 from runner.k8s import render_objects
-from runner.k8s.operator import RBAC_RULES
+from runner.k8s.operator import LEADER_ELECTION_RULES, RBAC_RULES
 from runner.plan import Plan, bundled_config, load_gpu_classes, make_plan
 from runner.settings import Settings
 from runner.spec import ModelSourceKind, load_spec, validate_document
@@ -292,9 +293,14 @@ def test_operator_service_account_matches_rbac() -> None:
     assert {"kind": "ServiceAccount", "name": sa, "namespace": "qlora"} in binding["subjects"]
     assert ("ServiceAccount", sa) in docs
     rules = docs[("Role", binding["roleRef"]["name"])]["rules"]
-    assert rbac_grants(rules) == rbac_grants(
-        [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES]
-    ), "manifests/rbac.yaml must grant exactly runner.k8s.operator.RBAC_RULES"
+    declared = [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES]
+    declared += [{"apiGroups": [g], "resources": [r], "verbs": list(v),
+                  **({"resourceNames": list(n)} if n else {})}
+                 for g, r, v, n in LEADER_ELECTION_RULES]
+    canon = sorted(json.dumps(r, sort_keys=True) for r in rules)
+    assert canon == sorted(json.dumps(r, sort_keys=True) for r in declared), (
+        "manifests/rbac.yaml must grant exactly runner.k8s.operator.RBAC_RULES and "
+        "LEADER_ELECTION_RULES")
 
 
 def rbac_grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:

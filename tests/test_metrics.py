@@ -29,7 +29,10 @@ from tests.conftest import require_binary
 from tests.fixtures.prometheus import Pushgateway, free_port, http_get
 
 GIB = 1024**3
-ALLOWED_LABELS = {"job_name", "backend", "gpu_class", "quant_mode", "phase", "device"}
+# rank / world_size: a handful of values per job (data-parallel ranks)
+ALLOWED_LABELS = {
+    "job_name", "backend", "gpu_class", "quant_mode", "phase", "device", "rank", "world_size"
+}  # fmt: skip
 EXPECTED = {
     "qlora_job_info": "gauge",
     "qlora_job_phase": "gauge",
@@ -58,6 +61,9 @@ EXPECTED = {
     "qlora_train_tokens_per_second": "gauge",
     "qlora_train_loss_tokens_per_second": "gauge",
     "qlora_train_samples_per_second": "gauge",
+    "qlora_rank_info": "gauge",
+    "qlora_rank_gpu_memory_peak_reserved_bytes": "gauge",
+    "qlora_rank_train_tokens_per_second": "gauge",
     "qlora_train_micro_batch_size": "gauge",
     "qlora_train_gradient_accumulation_steps": "gauge",
     "qlora_checkpoint_last_step": "gauge",

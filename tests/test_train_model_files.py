@@ -12,6 +12,11 @@ from runner.spec.model import ModelSpec
 from runner.train.model_files import resolve_model
 
 COMMIT = "0e9e39f249a16976918f6564b8830bc894c89659"
+# The smallest config.json the runner accepts (runner.plan.config_schema checks every one).
+CONFIG = (
+    '{"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, '
+    '"num_attention_heads": 4, "vocab_size": 300}'
+)
 
 
 def _no_fetch(uri: str, sub: Path) -> Path:
@@ -26,7 +31,7 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (repo / "refs" / "main").write_text(COMMIT)
     snap = repo / "snapshots" / COMMIT
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text('{"model_type": "llama"}')
+    (snap / "config.json").write_text(CONFIG)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return snap
 
@@ -36,7 +41,7 @@ def test_hf_source_resolves_from_the_local_cache(hf_cache: Path, revision: str) 
     base = resolve_model(ModelSpec(source=f"hf://meta-llama/Llama-3.1-8B{revision}"), _no_fetch)
     assert base.path == hf_cache
     assert (base.model_id, base.revision) == ("meta-llama/Llama-3.1-8B", COMMIT)
-    expected = hashlib.sha256(b'{"model_type": "llama"}').hexdigest()
+    expected = hashlib.sha256(CONFIG.encode()).hexdigest()
     assert base.config_sha256 == expected
     assert base.manifest_entry()["revision"] == COMMIT
 
@@ -54,7 +59,7 @@ def test_local_directory_without_config(tmp_path: Path) -> None:
 
 
 def test_local_directory(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(CONFIG)
     base = resolve_model(ModelSpec(source=str(tmp_path)), _no_fetch)
     assert (base.path, base.model_id, base.revision) == (tmp_path, tmp_path.name, None)
 
@@ -64,7 +69,7 @@ def test_s3_source_is_fetched_into_the_work_dir(tmp_path: Path) -> None:
 
     def fetch(uri: str, sub: Path) -> Path:
         seen.append((uri, sub))
-        (tmp_path / "config.json").write_text("{}")
+        (tmp_path / "config.json").write_text(CONFIG)
         return tmp_path
 
     base = resolve_model(ModelSpec(source="s3://models/llama-8b"), fetch)

@@ -73,7 +73,10 @@ def _plan(args: argparse.Namespace) -> int:
     c = plan.gpu_class
     width = max(len(t.name) for t in plan.vram_terms)
     print(f"{spec.metadata.name}: {plan.quant_mode} LoRA with {plan.backend}, GPU class {c.name}\n")
-    print("VRAM estimate (peak reserved + CUDA context):")
+    print(
+        "VRAM estimate (peak reserved + CUDA context)"
+        + (" per GPU:" if plan.world_size > 1 else ":")
+    )
     for t in plan.vram_terms:
         print(f"  {t.name:<{width}}  {_gib(t.bytes)}  {t.note}")
     print(
@@ -85,19 +88,31 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"  - {r}")
     print()
     affinity = f"{settings.gpu_memory_label} Gt {c.min_memory_mib - 1}"
+    if plan.gpus_per_node > 1:
+        affinity += f", nvidia.com/gpu.count Gt {plan.gpus_per_node - 1}"
     for k, v in sorted(c.node_labels.items()):
         affinity += f", {k}={v}"
     print(f"node affinity:     {affinity}")
     if c.tolerations:
         print(f"tolerations:       {len(c.tolerations)} from the class table")
+    gpus = c.gpu_count * plan.gpus_per_node
+    pods = f"{plan.nodes} pods, each " if plan.nodes > 1 else ""
     print(
-        f"resources:         {c.gpu_count} x nvidia.com/gpu, {plan.cpu_cores} CPU, "
+        f"resources:         {pods}{gpus} x nvidia.com/gpu, {plan.cpu_cores} CPU, "
         f"{plan.host_memory_bytes / 1024**3:.0f} GiB memory"
     )
+    if plan.world_size > 1:
+        print(
+            f"world size:        {plan.world_size} ranks ({plan.nodes} node(s) x "
+            f"{plan.gpus_per_node} GPU(s)); memory per GPU {plan.vram_estimate_bytes / 1024**3:.2f}"
+            f" GiB; all-reduce {plan.allreduce_s_per_step * 1e3:.1f} ms per step"
+        )
     print(
         f"batch:             micro batch {plan.micro_batch_size} x accumulation "
-        f"{plan.gradient_accumulation_steps} = "
-        f"{plan.micro_batch_size * plan.gradient_accumulation_steps} sequences per step"
+        f"{plan.gradient_accumulation_steps}"
+        + (f" x {plan.world_size} ranks" if plan.world_size > 1 else "")
+        + f" = {plan.micro_batch_size * plan.gradient_accumulation_steps * plan.world_size}"
+        " sequences per step"
     )
     print(f"tokens per step:   {plan.tokens_per_step:,} (at max_seq_length)")
     if plan.data_lengths:

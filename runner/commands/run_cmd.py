@@ -33,14 +33,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from runner import termination
-    from runner.recipe import run
+    from runner import launch, termination
+    from runner.recipe import _exit_code, run
+    from runner.spec import resolve_spec_path
+    from runner.train.distributed import current, under_torchrun
 
+    spec_path = resolve_spec_path(args.spec)
+    if not under_torchrun():
+        layout = launch.layout_for(spec_path)
+        if layout.world_size > 1:  # re-execute under torchrun, one rank per GPU
+            log_args = ["--log-format", args.log_format] if args.log_format else []
+            return launch.run_group(layout, spec_path, log_args)
+    rank = current()
+    launch.record_pid(rank.rank)
     try:
-        result = run(args.spec)
+        result = run(spec_path)
     except BaseException as e:  # every outcome leaves a termination message, then propagates
-        termination.report(termination.failure_message(e))
+        launch.record_exit(rank.rank, _exit_code(e))
+        if rank.is_main:
+            termination.report(termination.failure_message(e))
         raise
+    launch.record_exit(rank.rank, 0)
+    if not rank.is_main:  # rank 0 verifies, evaluates, publishes and reports
+        return int(ExitCode.OK)
     evaluation = result.metadata.get("evaluation") or {}
     termination.report(termination.success_message(result.run_uri, evaluation.get("summary")))
     summary = {

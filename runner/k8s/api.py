@@ -62,11 +62,14 @@ CONFIGMAPS = Resource("v1", "ConfigMap", "configmaps")
 PODS = Resource("v1", "Pod", "pods")
 NAMESPACES = Resource("v1", "Namespace", "namespaces", namespaced=False)
 JOBS = Resource("batch/v1", "Job", "jobs")
+SERVICES = Resource("v1", "Service", "services")
 FINETUNEJOBS = Resource("qlora-runner.io/v1alpha1", "FineTuneJob", "finetunejobs")
 LEASES = Resource("coordination.k8s.io/v1", "Lease", "leases")
 RESOURCEQUOTAS = Resource("v1", "ResourceQuota", "resourcequotas")
-KNOWN = {(r.api_version, r.kind): r for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, FINETUNEJOBS,
-                                              LEASES, RESOURCEQUOTAS)}
+KNOWN = {
+    (r.api_version, r.kind): r
+    for r in (CONFIGMAPS, PODS, NAMESPACES, JOBS, SERVICES, FINETUNEJOBS, LEASES, RESOURCEQUOTAS)
+}
 
 
 def resource_of(obj: Mapping[str, Any]) -> Resource:

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-LIVENESS_BOUND_S = 60.0
+LIVENESS_BOUND_S = 120.0
 """A loop (main, election, worker) silent for longer than this is wedged: /healthz fails and
 the kubelet restarts the pod."""
 WATCH_TIMEOUT_S = 300
@@ -246,6 +246,7 @@ class Controller:
         ftj = self.cache.get(FINETUNEJOBS, ns, name)
         if ftj is None:
             self.queue.forget(key)
+            self.op.forget(ns, name)
             return
         start = time.monotonic()
         result = "ok"

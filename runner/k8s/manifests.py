@@ -34,7 +34,7 @@ import yaml
 from runner import __version__
 from runner.deadline import DEADLINE_ENV
 from runner.errors import ExitCode, SpecError
-from runner.k8s import names
+from runner.k8s import multinode, names
 from runner.k8s.pod_fit import config_map_problems, volume_sizes
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
@@ -124,7 +124,7 @@ def render_objects(
         managed_by: Value of ``app.kubernetes.io/managed-by``.
 
     Returns:
-        ``[ConfigMap, Job]`` as plain dicts.
+        ``[ConfigMap, Job]`` as plain dicts; ``[ConfigMap, Service, Job]`` over several nodes.
 
     Raises:
         SpecError: ``metadata.labels`` holds an invalid or reserved label, or ``queue_name``
@@ -166,6 +166,24 @@ def render_objects(
             "spec": _pod_spec(spec, plan, settings, config_map_name=name, policy=policy),
         },
     }
+    if plan.nodes > 1 and settings.multi_node_target != "indexed-job":
+        raise SpecError(
+            f"QLORA_MULTI_NODE_TARGET: '{settings.multi_node_target}' is not rendered yet; "
+            "use indexed-job (a batch/v1 Indexed Job with a headless Service)"
+        )
+    if plan.nodes > 1:  # one pod per node: an Indexed Job behind a headless Service
+        job_spec.update(multinode.indexed_job_fields(plan))
+        pod = job_spec["template"]["spec"]
+        pod["subdomain"] = multinode.service_name(name)
+        train = pod["containers"][0]
+        train["env"] += multinode.rank_env(name, ns)
+        train.setdefault("ports", []).append(
+            {
+                "name": multinode.RENDEZVOUS_PORT_NAME,
+                "containerPort": multinode.MASTER_PORT,
+                "protocol": "TCP",
+            }
+        )
     if queue_name is not None:
         job_spec["suspend"] = True
     job = {
@@ -182,6 +200,8 @@ def render_objects(
         },
         "spec": job_spec,
     }
+    if plan.nodes > 1:
+        return [config_map, multinode.headless_service(name, meta), job]
     return [config_map, job]
 
 
@@ -253,8 +273,12 @@ def uses_s3(spec: JobSpec) -> bool:
 
 
 def shm_size_bytes(plan: Plan) -> int:
-    """Size of the ``/dev/shm`` tmpfs: a quarter of host memory, 1 GiB to 16 GiB, MiB-aligned."""
-    size = min(MAX_SHM_BYTES, max(1024 * MIB, plan.host_memory_bytes // 4))
+    """Size of the ``/dev/shm`` tmpfs: a quarter of host memory, 1 GiB to 16 GiB, MiB-aligned.
+
+    Several GPUs in a pod get at least 1 GiB each: NCCL's intra-node transport and the
+    DataLoader keep their buffers there."""
+    floor = max(1, multinode.gpus_per_pod(plan)) * 1024 * MIB
+    size = min(MAX_SHM_BYTES, max(floor, plan.host_memory_bytes // 4))
     return size // MIB * MIB
 
 
@@ -345,6 +369,10 @@ def _pod_spec(
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": n} for n in settings.image_pull_secrets]
     affinity = node_affinity(gpu, settings.gpu_memory_label, plan.prefer_below_mib)
+    count = multinode.gpu_count_expression(plan)
+    if count is not None:  # one node must hold every GPU of the pod
+        terms = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        terms[0]["matchExpressions"].append(count)
     if affinity:
         pod["affinity"] = {"nodeAffinity": affinity}
     pod["tolerations"] = tolerations(gpu)
@@ -416,8 +444,8 @@ def resources(plan: Plan, ephemeral_bytes: int | None = None) -> dict[str, Any]:
     if ephemeral_bytes is not None:
         out["requests"]["ephemeral-storage"] = f"{math.ceil(ephemeral_bytes / MIB)}Mi"
     if plan.gpu_class.gpu_count > 0:
-        out["requests"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
-        out["limits"][GPU_RESOURCE] = str(plan.gpu_class.gpu_count)
+        out["requests"][GPU_RESOURCE] = str(multinode.gpus_per_pod(plan))
+        out["limits"][GPU_RESOURCE] = str(multinode.gpus_per_pod(plan))
     return out
 
 

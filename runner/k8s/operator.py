@@ -1,11 +1,15 @@
 """``qlora operator``: the FineTuneJob controller.
 
 Level-triggered: every reconcile reads the FineTuneJob, its Job and the Job's pods, computes
-what should exist and what the status should say, and writes only the difference. Nothing is
-kept in memory between reconciles, so a restarted operator resumes from the cluster state.
-Watches on FineTuneJobs, and on the Jobs and pods the operator created (label
-``app.kubernetes.io/managed-by=qlora-operator``), only decide *when* to reconcile which
-FineTuneJob; a periodic resync catches anything a watch missed.
+what should exist and what the status should say, and writes only the difference. No state
+is kept between reconciles but a watched cache of the cluster, so a restarted operator
+resumes from the cluster state. Watches on FineTuneJobs, and on the Jobs and pods the
+operator created (label ``app.kubernetes.io/managed-by=qlora-operator``), only decide *when*
+to reconcile which FineTuneJob; a periodic resync catches anything a watch missed. The
+machinery around this class (informer caches, work queue, workers, leader election) is
+:mod:`runner.k8s.controller`; :meth:`Operator.reconcile_all` (``--once``) reads the API
+directly. Under the controller, reads come from the cache, but creating a Job is decided on a
+fresh read of the FineTuneJob and deleting one on a fresh read of that Job.
 
 One reconcile of a FineTuneJob:
 
@@ -26,6 +30,9 @@ One reconcile of a FineTuneJob:
    Job's name, so every try is a fresh Job.
 7. Status is written through the status subresource with the resourceVersion that was read:
    a 409 conflict (the object changed meanwhile) re-reads and reconciles again.
+8. No room in the namespace's ResourceQuotas for the Job's pod (:mod:`runner.k8s.quota`), or
+   a quota rejecting the Job itself: ``Pending``, reason ``QuotaExceeded``, no Job created and
+   no timer; a change of the quota's usage reconciles it again.
 
 RBAC the operator's ServiceAccount needs: exactly :data:`RBAC_RULES`, nothing more. The
 operator watches one namespace (``$QLORA_NAMESPACE``) unless started with ``--all-namespaces``,
@@ -34,9 +41,12 @@ needs a ClusterRole. (create: server-side apply of an object that does not exist
 authorised as create; patch: server-side apply and the status merge-patch; delete: a running
 Job of an outdated spec; finetunejobs/finalizers update: the OwnerReferencesPermissionEnforcement
 admission plugin asks for it before it accepts ``blockOwnerDeletion`` owner references. Pods are
-read only for their termination messages: no pods/log, no events, no secrets, and no write to
-the FineTuneJob itself.) ``tests/test_k8s_rbac.py`` checks ``manifests/rbac.yaml`` against this
-table with impersonation.
+read only for their termination messages, ResourceQuotas only for their room: no pods/log, no
+events, no secrets, and no write to the FineTuneJob itself.) A namespace-scoped install for
+several tenants (``QLORA_OPERATOR_NAMESPACES``) puts the Role in each listed namespace. Leader
+election adds :data:`LEADER_ELECTION_RULES` in the operator's own namespace.
+``tests/test_k8s_rbac.py`` checks ``manifests/rbac.yaml`` against these tables with
+impersonation.
 """
 
 from __future__ import annotations
@@ -166,6 +176,7 @@ class Operator:
             metrics = OperatorMetrics()
         self.metrics = metrics
         self.reader: Reader = api
+        self._memo: dict[tuple[str, str], tuple[Any, ...]] = {}
         self.cache: Cache | None = None
         self._controller: Controller | None = None
 
@@ -214,6 +225,10 @@ class Operator:
                 self.reconcile_key(str(ftj["metadata"].get("namespace")),
                                    ftj["metadata"]["name"])
 
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop what was remembered of a deleted FineTuneJob."""
+        self._memo.pop((namespace, name), None)
+
     def reconcile_key(self, namespace: str, name: str) -> str:
         """Reconcile one FineTuneJob by key, outside the work queue (409s are read again).
 
@@ -259,13 +274,22 @@ class Operator:
         st["observedGeneration"] = gen
         conditions = list(old.get("conditions") or [])
 
-        try:
-            spec = validate_document(_spec_document(ftj), source=f"finetunejob {ns}/{name}")
-        except SpecError as e:
-            text = "; ".join(e.details) or e.message
-            self._finish(ftj, old, st, conditions, FAILED, "InvalidSpec", text, gen)
-            return False
-        digest = spec_hash(spec)
+        # Validating, planning and rendering are pure but cost milliseconds of CPU each; a
+        # resync of a thousand unchanged FineTuneJobs reuses them (same uid, generation,
+        # labels and attempt give the same spec, plan and objects).
+        vkey = (meta.get("uid"), gen, tuple(sorted((meta.get("labels") or {}).items())))
+        memo = self._memo.get((ns, name))
+        if memo is not None and memo[0] == vkey:
+            spec, digest = memo[1], memo[2]
+        else:
+            memo = None
+            try:
+                spec = validate_document(_spec_document(ftj), source=f"finetunejob {ns}/{name}")
+            except SpecError as e:
+                text = "; ".join(e.details) or e.message
+                self._finish(ftj, old, st, conditions, FAILED, "InvalidSpec", text, gen)
+                return False
+            digest = spec_hash(spec)
         retries = int(old.get("retries") or 0) if old.get("specHash") == digest else 0
         if old.get("specHash") != digest:  # a new spec starts from scratch
             st = {"observedGeneration": gen, "specHash": digest}
@@ -273,7 +297,11 @@ class Operator:
         st["retries"] = retries
 
         try:
-            eff, plan = self._plan(spec, retries)
+            if memo is not None and memo[3] == retries:
+                eff, plan = memo[4], memo[5]
+            else:
+                memo = None
+                eff, plan = self._plan(spec, retries)
         except (PlanError, SpecError) as e:
             reason = "DoesNotFit" if isinstance(e, PlanError) else "InvalidSpec"
             if retries:
@@ -298,8 +326,13 @@ class Operator:
             gen,
         )
         queue_name = (meta.get("labels") or {}).get(names.LABEL_KUEUE_QUEUE)
-        objects = render_objects(eff, plan, self.settings, owner=ftj, namespace=ns,
-                                 attempt=retries, managed_by=MANAGED_BY, queue_name=queue_name)
+        if memo is not None:
+            objects = memo[6]
+        else:
+            objects = render_objects(eff, plan, self.settings, owner=ftj, namespace=ns,
+                                     attempt=retries, managed_by=MANAGED_BY,
+                                     queue_name=queue_name)
+            self._memo[(ns, name)] = (vkey, spec, digest, retries, eff, plan, objects)
         job_obj = next(o for o in objects if o["kind"] == "Job")
         job_name = str(job_obj["metadata"]["name"])
         st.update(jobName=job_name, configMapName=job_name)
@@ -319,8 +352,8 @@ class Operator:
                 self.cache.put(FINETUNEJOBS, fresh)
                 return self.reconcile(fresh)
             job = self.api.get(JOBS, ns, job_name)
-        full = self._no_room(ns, job_obj) if job is None or not job_pods(self.reader, job) \
-            else None
+        waiting = job is None or (not _finished(job) and not job_pods(self.reader, job))
+        full = self._no_room(ns, job_obj) if waiting else None
         if job is None and full is None:
             try:
                 for obj in objects:
@@ -333,7 +366,7 @@ class Operator:
                 full = e.message
             else:
                 log.info("created job %s/%s", ns, job_name, extra={"finetunejob": name})
-        if full is not None and (job is None or not job_pods(self.reader, job)):
+        if full is not None:
             conditions = set_condition(conditions, RUNNING, False, QUOTA_EXCEEDED, full, gen)
             self._finish(ftj, old, st, conditions, PENDING, QUOTA_EXCEEDED, full, gen)
             return False

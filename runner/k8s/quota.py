@@ -57,7 +57,7 @@ def pod_usage(pod_spec: Mapping[str, Any]) -> dict[str, Decimal]:
 
 
 def _fmt(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value == value.to_integral() else str(value)
+    return format(value.normalize(), "f")
 
 
 def no_room(quotas: Sequence[Mapping[str, Any]], pod_spec: Mapping[str, Any]) -> str | None:

@@ -11,7 +11,6 @@ from its header (:mod:`runner.plan.gguf_header`), never converted for planning.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from runner.errors import SpecError, StorageError
+from runner.plan.config_schema import parse_model_config, read_model_config
 from runner.plan.gguf_header import gguf_config, is_gguf_source
 from runner.settings import Settings
 from runner.spec import JobSpec, ModelSourceKind
@@ -63,15 +63,8 @@ def bundled_config(repo: str) -> ModelConfig | None:
 
 
 def _read_json(path: Path, where: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{where}: cannot read {path.name}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise SpecError(f"{where}: {path.name} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SpecError(f"{where}: {path.name} is not a JSON object")
-    return data
+    # Every config.json the planner and the runner read gets the same strict check.
+    return read_model_config(path, where)
 
 
 def hf_cache_dirs() -> list[Path]:
@@ -112,13 +105,8 @@ def _from_s3(uri: str, settings: Settings) -> ModelConfig:
     store, key = open_store(uri, settings)
     cfg_key = f"{key.rstrip('/')}/config.json" if key else "config.json"
     raw = store.read(cfg_key)
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise SpecError(f"{uri.rstrip('/')}/config.json: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SpecError(f"{uri.rstrip('/')}/config.json: not a JSON object")
-    return ModelConfig(data, f"{uri.rstrip('/')}/config.json")
+    where = f"{uri.rstrip('/')}/config.json"
+    return ModelConfig(parse_model_config(raw, where), where)
 
 
 def _from_gguf(source: str, kind: ModelSourceKind, settings: Settings) -> ModelConfig:

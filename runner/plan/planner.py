@@ -33,12 +33,23 @@ from runner.plan.estimator import (
 from runner.plan.layout import Layout, choose_layout
 from runner.plan.lengths import LengthProfile
 from runner.plan.model_config import load_model_config
+from runner.plan.parallel import Layout as RankLayout
+from runner.plan.parallel import (
+    allreduce_seconds,
+    batch_fix,
+    candidate_layouts,
+    ddp_terms,
+    per_rank_batch,
+)
 from runner.plan.runtime import estimate_runtime
 from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
 from runner.plan.types import GIB, MIB, GpuClass, Plan
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
 from runner.spec.model import Backend, QuantMode
+
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+"""GPU Feature Discovery's label of a node's GPU count."""
 
 
 def _gib(n: float) -> str:
@@ -107,9 +118,19 @@ class _Ctx:
     table: GpuClassTable
     cal: Calibration
     skip: tuple[str, ...]
+    layout: RankLayout = dataclasses.field(default_factory=lambda: RankLayout(1, 1))
+    lengths: LengthProfile | None = None
 
     def est(self, t: TrainingShape) -> Estimate:
-        return estimate(self.shape, t, self.cal)
+        e = estimate(self.shape, t, self.cal)
+        extra = ddp_terms(_lora_grad_bytes(e), self.layout)
+        if not extra:
+            return e
+        # DDP's terms go before the CUDA context, which stays the last line.
+        terms = (*e.terms[:-1], *extra, e.terms[-1])
+        return dataclasses.replace(
+            e, terms=terms, total_bytes=e.total_bytes + sum(x.bytes for x in extra)
+        )
 
     def fits(self, t: TrainingShape, c: GpuClass) -> bool:
         return self.est(t).total_bytes <= self.table.usable_bytes(c)
@@ -230,20 +251,130 @@ def make_plan(
         cfg, origin = model_config, "given config"
     shape = shape_from_config(cfg, origin)
     table = gpu_classes or load_gpu_classes(settings)
-    ctx = _Ctx(spec, shape, table, calibration, quantization_skip_modules(cfg))
+    base_ctx = _Ctx(
+        spec, shape, table, calibration, quantization_skip_modules(cfg), lengths=lengths
+    )
+    res = spec.spec.resources
+    layouts = candidate_layouts(
+        res.gpus_per_node,
+        res.nodes,
+        max_gpus_per_node=settings.max_gpus_per_node,
+        max_nodes=settings.max_nodes,
+    )
+    if len(layouts) == 1:
+        only = dataclasses.replace(base_ctx, layout=layouts[0])
+        return _plan_layout(spec, settings, only, origin)
+    return _choose_layout(spec, settings, base_ctx, origin, layouts)
+
+
+def _backend_for(asked: str, world: int, settings: Settings) -> tuple[str, str]:
+    """The backend the pods will run for ``world`` ranks, and why.
+
+    Raises:
+        SpecError: 'unsloth' over several ranks while its DDP path is switched off.
+    """
+    if world > 1 and not settings.unsloth_ddp:
+        if asked == "unsloth":
+            raise SpecError(
+                f"spec.training.backend: 'unsloth' with world size {world} needs the "
+                "deployment setting QLORA_UNSLOTH_DDP=true (Unsloth's DDP path is off until it "
+                "passes the multi-GPU tests); use backend auto or transformers"
+            )
+        if asked == "auto":
+            return "transformers", (
+                f"training.backend auto with world size {world}: transformers + peft + "
+                "bitsandbytes (Unsloth's DDP is behind QLORA_UNSLOTH_DDP, off)"
+            )
+    if asked == "auto":
+        return "unsloth", (
+            "training.backend auto; the GPU image runs Unsloth (transformers + peft is its "
+            "fallback)"
+        )
+    return asked, "set in training.backend"
+
+
+def _lora_grad_bytes(e: Estimate) -> int:
+    return next((t.bytes for t in e.terms if t.name == "lora_grads"), 0)
+
+
+def _choose_layout(
+    spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str, layouts: list[RankLayout]
+) -> Plan:
+    """``gpus_per_node`` or ``nodes`` is 'auto': the fewest GPUs that meet the deadline."""
+    res = spec.spec.resources
+    target = spec.spec.training.target_effective_batch_size
+    usable = [lay for lay in layouts if per_rank_batch(target, lay) is not None] or layouts[:1]
+    try:
+        one = _plan_layout(spec, settings, dataclasses.replace(ctx, layout=usable[0]), origin)
+    except PlanError as e:
+        if e.message.startswith("does not fit"):
+            raise PlanError(
+                e.message,
+                [
+                    *e.details,
+                    "more GPUs do not help: DDP keeps the whole model on every GPU (it shards "
+                    "nothing), so resources.gpus_per_node / nodes 'auto' cannot make it fit",
+                ],
+            ) from e
+        raise
+    deadline = res.deadline_hours
+    if deadline is None:
+        why = "no resources.deadline_hours goal, so the fewest GPUs"
+        return _with_reason(one, f"layout {usable[0].describe()} ('auto'): {why}")
+    if one.estimated_runtime_s is None:
+        why = "the runtime is unknown (dataset not local and no training.max_steps)"
+        return _with_reason(one, f"layout {usable[0].describe()} ('auto'): {why}")
+    goal_s = deadline * 3600
+    best = one
+    for lay in usable:
+        plan = (
+            one
+            if lay == usable[0]
+            else _plan_layout(spec, settings, dataclasses.replace(ctx, layout=lay), origin)
+        )
+        best = plan
+        took = plan.estimated_runtime_s or 0.0
+        if took <= goal_s:
+            why = (
+                f"the fewest GPUs whose estimate ({took / 3600:.1f} h) meets "
+                f"resources.deadline_hours {deadline:g}"
+            )
+            if lay != usable[0]:
+                why += f"; {usable[0].describe()} would take {one.estimated_runtime_s / 3600:.1f} h"
+            return _with_reason(plan, f"layout {lay.describe()} ('auto'): {why}")
+    skipped = [lay.describe() for lay in layouts if lay not in usable]
+    why = (
+        f"no layout meets resources.deadline_hours {deadline:g} (the largest allowed, "
+        f"settings max_gpus_per_node {settings.max_gpus_per_node} x max_nodes "
+        f"{settings.max_nodes}, takes ~{(best.estimated_runtime_s or 0) / 3600:.1f} h); "
+        "planned with the largest"
+    )
+    if skipped:
+        why += f"; {', '.join(skipped)} skipped: they do not divide target {target}"
+    return _with_reason(best, f"layout {best_layout(best).describe()} ('auto'): {why}")
+
+
+def best_layout(plan: Plan) -> RankLayout:
+    """The plan's layout."""
+    return RankLayout(plan.gpus_per_node, plan.nodes)
+
+
+def _with_reason(plan: Plan, reason: str) -> Plan:
+    return dataclasses.replace(plan, reasons=(*plan.reasons, reason))
+
+
+def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> Plan:
+    """Plan for one layout (GPUs per node x nodes)."""
+    shape, table, layout = ctx.shape, ctx.table, ctx.layout
+    lengths, calibration = ctx.lengths, ctx.cal
+    world = layout.world_size
     tr = spec.spec.training
-    backend = "unsloth" if tr.backend == "auto" else str(tr.backend)
+    backend, why_backend = _backend_for(str(tr.backend), world, settings)
     reasons = [
         f"model: {shape.model_type}, {_count(shape.total_params)} params, "
         f"{shape.num_layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size} "
         f"(config: {origin})",
-        f"backend {backend}: "
-        + (
-            "training.backend auto; the GPU image runs Unsloth "
-            "(transformers + peft is its fallback)"
-            if tr.backend == "auto"
-            else "set in training.backend"
-        ),
+        f"backend {backend}: {why_backend}",
     ]
     if spec.spec.model.trust_remote_code:
         reasons.append("trust_remote_code is ON: the model's own Python code runs in the pod")
@@ -261,7 +392,16 @@ def make_plan(
     else:
         candidates = list(table.classes)
 
-    target = tr.target_effective_batch_size
+    full_target = tr.target_effective_batch_size
+    per_rank = per_rank_batch(full_target, layout)
+    if per_rank is None:
+        raise PlanError(
+            f"spec.training.target_effective_batch_size: {full_target} is not a multiple of "
+            f"the world size {world} ({layout.describe()}); micro batch x accumulation x "
+            f"world size must equal it exactly",
+            [f"spec.training.target_effective_batch_size: {batch_fix(full_target, world)}"],
+        )
+    target = per_rank
     m_fixed = tr.micro_batch_size if tr.micro_batch_size != "auto" else None
     a_fixed = tr.gradient_accumulation_steps if tr.gradient_accumulation_steps != "auto" else None
     m_min = m_fixed or 1
@@ -312,7 +452,25 @@ def make_plan(
         m = m_fixed
         a = a_fixed or max(1, -(-target // m))
         why_batch = f"micro batch {m}: set in training.micro_batch_size"
-    reasons.append(f"{why_batch}; x {a} accumulation = {m * a} sequences per step")
+        if world > 1 and m * a != target:
+            fits = _divisors_desc(target)
+            raise PlanError(
+                f"spec.training.micro_batch_size: {m} does not divide the {target} sequences "
+                f"each of {world} ranks contributes to target_effective_batch_size "
+                f"{full_target}, so micro batch x accumulation x world size cannot equal it",
+                [
+                    f"spec.training.micro_batch_size: one of {', '.join(map(str, fits))} "
+                    "(or 'auto')",
+                    f"spec.training.target_effective_batch_size: a multiple of {m * world}",
+                ],
+            )
+    if world > 1:
+        reasons.append(
+            f"{why_batch}; x {a} accumulation x {world} ranks = {m * a * world} sequences per "
+            f"step (target {full_target}, exactly)"
+        )
+    else:
+        reasons.append(f"{why_batch}; x {a} accumulation = {m * a} sequences per step")
 
     final = ctx.est(training_shape(spec, mode, backend, m, ctx.skip))
     data_aware: dict[str, Any] = {}
@@ -326,14 +484,14 @@ def make_plan(
             calibration=calibration,
         )
         if laid_out is not None:
-            layout, why_layout = laid_out
-            m, a = layout.micro_batch_size, layout.gradient_accumulation_steps
-            final = layout.estimate
+            batch_layout, why_layout = laid_out
+            m, a = batch_layout.micro_batch_size, batch_layout.gradient_accumulation_steps
+            final = batch_layout.estimate
             reasons[-1] = why_layout
             data_aware = {
-                "gradient_checkpointing": layout.gradient_checkpointing,
-                "checkpointed_layers": layout.checkpointed_layers,
-                "peak_micro_batch_tokens": layout.peak_tokens,
+                "gradient_checkpointing": batch_layout.gradient_checkpointing,
+                "checkpointed_layers": batch_layout.checkpointed_layers,
+                "peak_micro_batch_tokens": batch_layout.peak_tokens,
                 "data_lengths": lengths.summary(),
             }
     usable = table.usable_bytes(chosen)
@@ -353,8 +511,21 @@ def make_plan(
         why_class += f"; {', '.join(smaller)} too small"
     reasons.append(why_class)
     reasons.append(f"node affinity: {settings.gpu_memory_label} Gt {chosen.min_memory_mib - 1}")
-
-    runtime = estimate_runtime(spec, shape, chosen, backend, m * a)
+    if layout.gpus_per_node > 1:
+        reasons.append(
+            f"node affinity: {GPU_COUNT_LABEL} Gt {layout.gpus_per_node - 1} "
+            f"(each node holds {layout.gpus_per_node} GPUs)"
+        )
+    allreduce = allreduce_seconds(_lora_grad_bytes(final), layout)
+    if world > 1:
+        reasons.append(
+            f"data parallel over {layout.describe()}: each GPU holds the whole {mode} model, "
+            f"its own activations and LoRA state; {_gib(final.total_bytes)} per GPU; DDP "
+            "does not shard the model, so more GPUs shorten the run but never make it fit"
+        )
+    runtime = estimate_runtime(
+        spec, shape, chosen, backend, m * a * world, world_size=world, allreduce_s=allreduce
+    )
     reasons.append(f"runtime: {runtime.note}")
     host = final.host_bytes
     return Plan(
@@ -366,9 +537,9 @@ def make_plan(
         gradient_accumulation_steps=a,
         vram_terms=final.terms,
         vram_estimate_bytes=final.total_bytes,
-        host_memory_bytes=-(-host // GIB) * GIB,
-        cpu_cores=chosen.cpu_cores,
-        tokens_per_step=m * a * tr.max_seq_length,
+        host_memory_bytes=-(-host // GIB) * GIB * layout.gpus_per_node,  # one process per GPU
+        cpu_cores=chosen.cpu_cores * layout.gpus_per_node,
+        tokens_per_step=m * a * world * tr.max_seq_length,
         estimated_runtime_s=runtime.seconds,
         reasons=tuple(reasons),
         usable_memory_bytes=usable,
@@ -379,6 +550,9 @@ def make_plan(
             (c.min_memory_mib for c in table.classes if c.min_memory_mib > chosen.min_memory_mib),
             None,
         ),
+        gpus_per_node=layout.gpus_per_node,
+        nodes=layout.nodes,
+        allreduce_s_per_step=allreduce,
         **data_aware,
     )
 

@@ -109,8 +109,15 @@ def estimate_runtime(
     gpu_class: GpuClass,
     backend: str,
     effective_batch: int,
+    *,
+    world_size: int = 1,
+    allreduce_s: float = 0.0,
 ) -> RuntimeEstimate:
-    """Estimate throughput and wall time for the planned job."""
+    """Estimate throughput and wall time for the planned job.
+
+    With ``world_size`` ranks the compute of a step is shared and ``allreduce_s`` (the LoRA
+    gradients' all-reduce, once per optimizer step) is added to every step.
+    """
     tr = spec.spec.training
     if gpu_class.peak_bf16_tflops <= 0:
         return RuntimeEstimate(None, None, f"no peak FLOP/s known for class {gpu_class.name}")
@@ -127,7 +134,10 @@ def estimate_runtime(
         f"{tps:,.0f} tokens/s assumed: {hfu:.0%} of {gpu_class.reference_card or gpu_class.name}"
         f"'s {gpu_class.peak_bf16_tflops:g} BF16 TFLOP/s"
     )
+    if world_size > 1:
+        assumption += f" per GPU, x {world_size} GPUs"
     if tr.max_steps is not None:
+        steps = tr.max_steps
         tokens = tr.max_steps * effective_batch * avg
         what = f"{tr.max_steps} steps"
     elif size is None:
@@ -139,5 +149,17 @@ def estimate_runtime(
         steps = math.ceil(seqs * tr.epochs / effective_batch)
         tokens = steps * effective_batch * avg
         what = f"{size.rows} rows, ~{size.tokens_per_row:.0f} tokens each, {steps} steps"
-    seconds = STARTUP_S + tokens / tps
-    return RuntimeEstimate(tps, seconds, f"{assumption}; {what}; +{STARTUP_S:.0f} s start-up")
+    compute = tokens / (tps * world_size)
+    comm = steps * allreduce_s
+    seconds = STARTUP_S + compute + comm
+    if world_size > 1:
+        share = comm / (compute + comm) if compute + comm > 0 else 0.0
+        what += (
+            f"; all-reduce of the LoRA gradients {allreduce_s * 1e3:.1f} ms per step "
+            f"({share:.1%} of the step)"
+        )
+    return RuntimeEstimate(
+        tps * world_size * (compute / (compute + comm) if compute + comm > 0 else 1.0),
+        seconds,
+        f"{assumption}; {what}; +{STARTUP_S:.0f} s start-up",
+    )

@@ -79,6 +79,11 @@ class Plan:
         prefer_below_mib: The next larger class's floor: the renderer adds a *preferred* node
             affinity ``Lt`` this value, so the scheduler picks the smallest fitting card when
             larger ones are free too. None when the chosen class is the largest.
+        gpus_per_node: GPUs (ranks) per node; one pod per node.
+        nodes: Nodes (pods); ``gpus_per_node * nodes`` is the DDP world size, and
+            micro batch x accumulation x world size is the effective batch.
+        allreduce_s_per_step: Estimated time of the LoRA-gradient all-reduce per optimizer
+            step (0 on one GPU).
         gradient_checkpointing: The planner's checkpointing decision; None = the spec's.
         checkpointed_layers: Partial checkpointing: the first this many decoder layers are
             checkpointed, the rest keep their activations; None = all (when on).
@@ -109,6 +114,14 @@ class Plan:
     checkpointed_layers: int | None = None
     peak_micro_batch_tokens: int | None = None
     data_lengths: str | None = None
+    gpus_per_node: int = 1
+    nodes: int = 1
+    allreduce_s_per_step: float = 0.0
+
+    @property
+    def world_size(self) -> int:
+        """Training processes (ranks): GPUs per node x nodes."""
+        return self.gpus_per_node * self.nodes
 
     def to_json(self) -> str:
         """Serialise for ``plan.json`` and ``qlora plan --json``."""

@@ -169,6 +169,8 @@ class DatasetFormat(StrEnum):
     ALPACA = "alpaca"
     PROMPT_COMPLETION = "prompt-completion"
     TEXT = "text"
+    SHAREGPT = "sharegpt"
+    """``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`` chat dumps."""
 
 
 class FieldMap(_Section):
@@ -181,6 +183,9 @@ class FieldMap(_Section):
     input: str = Field("input", description="Optional input column (alpaca).")
     output: str = Field("output", description="Answer column (alpaca).")
     text: str = Field("text", description="Raw text column (text).")
+    conversations: str = Field(
+        "conversations", description="Turn list of {from, value} (sharegpt)."
+    )
 
 
 class DatasetSpec(_Section):
@@ -394,6 +399,26 @@ class ResourcesSpec(_Section):
         description="With quantization.mode auto: 'vram' picks 4-bit; 'accuracy' picks 16-bit "
         "LoRA if it fits the class, else dynamic 4-bit.",
     )
+    # Data parallelism (torchrun + DDP): every GPU holds the whole model and trains on its own
+    # share of each optimizer step; the planner keeps the effective batch the same.
+    gpus_per_node: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+        1,
+        description="GPUs per node (one pod per node, torchrun starts one rank per GPU); "
+        "'auto' lets the planner add GPUs when a deadline_hours goal needs them.",
+    )
+    nodes: Auto | Annotated[int, Field(ge=1, le=64)] = Field(
+        1,
+        description="Nodes (pods) the job spans; more than 1 renders an Indexed Job with a "
+        "headless Service; 'auto' lets the planner add nodes for a deadline_hours goal.",
+    )
+    deadline_hours: float | None = Field(
+        None,
+        gt=0,
+        le=24 * 90,
+        description="Wall-time goal: with gpus_per_node or nodes 'auto' the planner picks the "
+        "fewest GPUs whose runtime estimate meets it (the dataset must be local or "
+        "training.max_steps set).",
+    )
 
 
 class MetricsSpec(_Section):
@@ -472,6 +497,30 @@ class JobBody(_Section):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
+    @model_validator(mode="after")
+    def _check_world(self) -> JobBody:
+        r, t = self.resources, self.training
+        if r.gpus_per_node == "auto" or r.nodes == "auto":
+            return self
+        world = r.gpus_per_node * r.nodes
+        target = t.target_effective_batch_size
+        if world > 1 and target % world:
+            lower, upper = target - target % world, target + world - target % world
+            fix = f"{lower} or {upper}" if lower else str(upper)
+            raise ValueError(
+                f"training.target_effective_batch_size {target} is not a multiple of the world "
+                f"size {world} (resources.gpus_per_node x resources.nodes); micro batch x "
+                f"accumulation x world size must equal it exactly: use {fix}"
+            )
+        m, a = t.micro_batch_size, t.gradient_accumulation_steps
+        if world > 1 and m != "auto" and a != "auto" and m * a * world != target:
+            raise ValueError(
+                f"training.micro_batch_size {m} x gradient_accumulation_steps {a} x world size "
+                f"{world} = {m * a * world}, not target_effective_batch_size {target}; set "
+                "gradient_accumulation_steps: auto or make the product equal the target"
+            )
+        return self
 
 
 class JobSpec(_Section):

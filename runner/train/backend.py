@@ -315,18 +315,37 @@ def _unsloth_problem() -> str | None:
     return None
 
 
-def select_backend(requested: Backend | str) -> TrainerBackend:
+def select_backend(
+    requested: Backend | str, *, world_size: int = 1, unsloth_ddp: bool = False
+) -> TrainerBackend:
     """The backend to train with.
 
     Args:
         requested: ``spec.training.backend``: 'auto' picks Unsloth when CUDA is available,
             ``unsloth`` imports and :data:`UNSLOTH_MODULE` exists, else transformers.
+        world_size: Ranks of the run; above 1 'auto' means transformers unless
+            ``unsloth_ddp`` (the ``QLORA_UNSLOTH_DDP`` setting) is on.
+        unsloth_ddp: Whether Unsloth may train with several ranks.
 
     Raises:
         SpecError: 'unsloth' was asked for where it cannot run (exit code 2).
         MissingDependencyError: the transformers stack is not installed (exit code 10).
     """
     choice = Backend(requested)
+    if world_size > 1 and not unsloth_ddp:
+        if choice is Backend.UNSLOTH:
+            raise SpecError(
+                f"spec.training.backend: 'unsloth' with world size {world_size} needs the "
+                "deployment setting QLORA_UNSLOTH_DDP=true (Unsloth's DDP path is off until it "
+                "passes the multi-GPU tests); use backend auto or transformers"
+            )
+        if choice is Backend.AUTO:
+            log.info(
+                "using the transformers backend: world size %d and QLORA_UNSLOTH_DDP is off",
+                world_size,
+                extra={"backend": "transformers"},
+            )
+            choice = Backend.TRANSFORMERS
     if choice is not Backend.TRANSFORMERS:
         problem = _unsloth_problem()
         if problem is None:

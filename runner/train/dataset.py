@@ -154,10 +154,7 @@ def _parse(raw: bytes, path: Path, label: str) -> list[Mapping[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _parse_parquet(raw, label)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{label}: not UTF-8 text (byte {e.start})") from e
+    text = _decode(raw, label, str(path), jsonl=suffix == ".jsonl")
     if suffix == ".jsonl":
         return _parse_jsonl(text, label)
     try:
@@ -166,14 +163,46 @@ def _parse(raw: bytes, path: Path, label: str) -> list[Mapping[str, Any]]:
         if e.msg == "Extra data":  # JSON Lines saved as .json, as many hub exports are
             return _parse_jsonl(text, label)
         raise DataError(f"{label}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    except (ValueError, RecursionError) as e:  # an integer too long, nesting too deep
+        raise DataError(f"{label}: invalid JSON: {e}") from e
     if not isinstance(doc, list):
         raise DataError(f"{label}: a .json dataset must be a list of objects")
     return _check_objects(doc, label)
 
 
+def _decode(raw: bytes, label: str, source: str, *, jsonl: bool) -> str:
+    """UTF-8 text without a leading byte-order mark (editors on Windows write one).
+
+    Raises:
+        DataError: not UTF-8, naming the file, the line and (for JSON Lines) the row.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(
+            f"{label}: {source}: the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+            "re-save it as UTF-8"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        at = f"line {line_no}"
+        if jsonl:
+            before = raw[: e.start].split(b"\n")
+            row = sum(1 for line in before[:-1] if line.strip()) + 1
+            at = f"row {row} ({at})"
+        raise DataError(
+            f"{label}: {source}: {at}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+            f"{column}); re-save the file as UTF-8"
+        ) from e
+    return text.removeprefix("\ufeff")
+
+
 def _parse_jsonl(text: str, label: str) -> list[Mapping[str, Any]]:
     records: list[Any] = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines are separated by "\n" only: str.splitlines() would also split inside strings
+    # at U+2028 and other characters JSON allows unescaped.
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -181,6 +210,10 @@ def _parse_jsonl(text: str, label: str) -> list[Mapping[str, Any]]:
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{label}: row {len(records) + 1} (line {line_no}): invalid JSON: {e.msg}"
+            ) from e
+        except (ValueError, RecursionError) as e:  # an integer too long, nesting too deep
+            raise DataError(
+                f"{label}: row {len(records) + 1} (line {line_no}): invalid JSON: {e}"
             ) from e
     return _check_objects(records, label)
 

@@ -37,6 +37,7 @@ from runner.train.dataset import Row
 from runner.train.eval_stats import EvalReport, GateRule, compare
 from runner.train.formatting import format_rows
 from runner.train.preflight import tokenize_rows
+from runner.train.template_sandbox import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def build_items(
     rows: Sequence[Row],
     spec: DatasetSpec,
     tokenizer: Any,
-    chat_template: str | None,
+    chat_template: ChatTemplate | None,
     max_seq_length: int,
     *,
     scoring: str,

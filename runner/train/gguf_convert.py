@@ -110,8 +110,11 @@ def convert(gguf_file: Path, dest: Path) -> None:
 
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF file carries no code: conversion never imports any, whatever sits beside it.
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SpecError(f"spec.model.source: {gguf_file}: transformers cannot load it: {e}") from e
     plain = _plain_config(loaded.config.to_dict())

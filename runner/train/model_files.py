@@ -13,12 +13,14 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from runner.errors import SpecError, missing_extra
+from runner.errors import RunnerError, SpecError, missing_extra
+from runner.plan.config_schema import parse_model_config, read_config_bytes
 from runner.plan.gguf_header import GGUF_SUFFIX, is_gguf_source
 from runner.plan.model_config import hf_cache_dirs
 from runner.spec.model import ModelSourceKind, ModelSpec
+from runner.train.tokenizer_files import check_tokenizer_files, diagnose_tokenizer_failure
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,39 @@ def resolve_model(
             f"spec.model.source: {spec.source}: no config.json in {path}; point it at a model "
             "directory (build the tiny test model with: python -m runner.train.tiny DIR)"
         )
-    digest = hashlib.sha256(config.read_bytes()).hexdigest()
-    return BaseModel(path, spec.source, model_id, revision, digest)
+    # The same strict check as `qlora plan`, before transformers reads a single field of it.
+    raw = read_config_bytes(config)
+    parse_model_config(raw, str(config))
+    return BaseModel(path, spec.source, model_id, revision, hashlib.sha256(raw).hexdigest())
+
+
+def raise_model_load_error(model_dir: Path, error: Exception) -> NoReturn:
+    """Re-raise a failed ``from_pretrained`` of the base model as what it is.
+
+    With ``config.json`` already checked (:mod:`runner.plan.config_schema`), what is left to
+    fail is the user's model files disagreeing with each other or naming what the library
+    does not have (a ``hidden_act`` or ``rope_type`` it does not know, weights of another
+    shape): exit 2, naming the directory. Out-of-memory and device errors belong to the node,
+    and a missing library to the image, so those propagate unchanged.
+
+    Raises:
+        SpecError: the model files cannot be loaded (exit code 2).
+        Exception: ``error`` itself when it is the machine's fault, not the files'.
+    """
+    text = str(error)
+    machine = (
+        isinstance(error, RunnerError | ImportError | MemoryError)
+        or "OutOfMemory" in type(error).__name__
+        or any(word in text for word in ("CUDA", "cuda", "out of memory", "NCCL", "device-side"))
+    )
+    if machine:
+        raise error
+    reason = text.strip().splitlines()[0][:300] if text.strip() else ""
+    raise SpecError(
+        f"spec.model.source: cannot load the model in {model_dir}: {type(error).__name__}"
+        f"{': ' + reason if reason else ''}; check that config.json matches the weights and "
+        "names an architecture, activation and RoPE type this transformers version knows"
+    ) from error
 
 
 def _hf_snapshot(repo: str, revision: str) -> tuple[Path, str]:
@@ -114,20 +147,29 @@ def _hf_snapshot(repo: str, revision: str) -> tuple[Path, str]:
     )
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> Any:
     """The model's tokenizer, for formatting and the preflight (pad token set).
 
+    Args:
+        model_dir: The model directory.
+        trust_remote_code: ``spec.model.trust_remote_code``, passed on explicitly: only a
+            literal ``true`` there lets transformers import code shipped with the model.
+
     Raises:
-        SpecError: no tokenizer files in ``model_dir`` (exit code 2).
+        SpecError: no tokenizer files in ``model_dir``, or files that do not load, naming the
+            file (exit code 2).
     """
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
         raise missing_extra("transformers", "train") from e
+    check_tokenizer_files(model_dir)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SpecError(f"spec.model.source: no usable tokenizer in {model_dir}: {e}") from e
+    # transformers and tokenizers report broken files as TypeError, AttributeError or a bare
+    # Exception; the files are the user's input, so each becomes exit 2 naming the file.
+    except Exception as e:
+        raise diagnose_tokenizer_failure(model_dir, e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

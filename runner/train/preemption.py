@@ -138,6 +138,17 @@ class PreemptionGuard:
             f"preempted (SIGTERM) {where}; a restart resumes from the newest committed checkpoint"
         )
 
+    def adopt(self) -> None:
+        """Another rank received SIGTERM: stop at this step like it (DDP, see the callback)."""
+        if not self._event.is_set():
+            self.received_at = time.monotonic()
+            self._event.set()
+            log.warning(
+                "another rank received SIGTERM: checkpointing at the end of this step, then "
+                "exiting",
+                extra={"preempted": True},
+            )
+
     def on_phase(self, phase: object) -> None:
         """A recipe phase hook: remember where the run is, for the message."""
         self.where = str(getattr(phase, "value", phase))
@@ -196,6 +207,10 @@ def make_checkpoint_callback(
     except ImportError as e:
         raise missing_extra("transformers", "train") from e
 
+    from runner.train import distributed
+
+    is_main = distributed.current().is_main
+
     class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         """Saves on schedule, after the last step and on SIGTERM; uploads every save."""
 
@@ -215,6 +230,12 @@ def make_checkpoint_callback(
                 and time.monotonic() - self.last_save >= every_minutes * 60.0
             )
             last = step >= int(state.max_steps or 0)
+            # Every rank stops at the same step when any of them got SIGTERM (one all-reduce
+            # of a flag per optimizer step; nothing on a single process).
+            if distributed.any_rank(guard.preempted) and not guard.preempted:
+                guard.adopt()
+            # The time-based schedule is rank 0's clock: every rank must save at the same step.
+            due_time = bool(distributed.broadcast(due_time))
             if guard.preempted or due_steps or due_time or last:
                 control.should_save = True
             if guard.preempted:
@@ -225,6 +246,16 @@ def make_checkpoint_callback(
             step = int(state.global_step)
             local = Path(args.output_dir) / f"checkpoint-{step}"
             self.last_save = time.monotonic()
+            if not is_main:
+                # Rank 0 holds the whole state (LoRA weights, optimizer, schedule) and commits
+                # it once; the others wait for that commit before exiting on SIGTERM.
+                if guard.preempted:
+                    distributed.barrier()
+                    raise PreemptedError(
+                        f"preempted (SIGTERM) at step {step}/{int(state.max_steps or 0)}; "
+                        "rank 0 committed the checkpoint"
+                    )
+                return
             try:
                 checkpoints.save(local, step, {"max_steps": int(state.max_steps or 0)})
             except (StorageError, VerificationError) as e:
@@ -245,6 +276,7 @@ def make_checkpoint_callback(
                     observer.checkpoint_committed(step)
                 _drop_older(Path(args.output_dir), step)
             if guard.preempted:
+                distributed.barrier()
                 waited = guard.seconds_since_signal()
                 log.warning(
                     "checkpoint step %d committed %.1f s after SIGTERM; exiting",

@@ -31,7 +31,9 @@ class Resolved:
     reasons: tuple[str, ...]
 
 
-def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Resolved:
+def resolve(
+    body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool, world_size: int = 1
+) -> Resolved:
     """Decide precision and batch shape.
 
     Args:
@@ -39,6 +41,8 @@ def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Reso
         plan: ``plan.json`` next to the spec, if any.
         cuda: Whether a CUDA device is visible.
         bf16: Whether that device supports bfloat16.
+        world_size: Ranks training together; without a plan the accumulation is chosen so
+            that micro batch x accumulation x world size is the target effective batch.
     """
     t, q = body.training, body.quantization
     reasons: list[str] = []
@@ -64,11 +68,12 @@ def resolve(body: JobBody, plan: Plan | None, *, cuda: bool, bf16: bool) -> Reso
         if t.gradient_accumulation_steps != "auto":
             accum = t.gradient_accumulation_steps
         else:
-            accum = max(1, math.ceil(t.target_effective_batch_size / micro))
+            accum = max(1, math.ceil(t.target_effective_batch_size / (micro * world_size)))
         if "auto" in (t.micro_batch_size, t.gradient_accumulation_steps):
             reasons.append(
-                f"no plan.json: micro batch {micro} x accumulation {accum} "
-                f"(target effective batch {t.target_effective_batch_size}, "
+                f"no plan.json: micro batch {micro} x accumulation {accum}"
+                + (f" x {world_size} ranks " if world_size > 1 else " ")
+                + f"(target effective batch {t.target_effective_batch_size}, "
                 f"{'GPU' if cuda else 'CPU'} defaults)"
             )
     if q.compute_dtype != "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,25 @@ def sft_args(
         "include_num_input_tokens_seen": "non_padding",
         "dataloader_num_workers": 0,
         "train_sampling_strategy": "sequential" if _is_ordered(shape) else "random",
+        **ddp_args(),
+    }
+
+
+DDP_TIMEOUT_ENV = "QLORA_DDP_TIMEOUT_S"
+
+
+def ddp_args() -> dict[str, Any]:
+    """What data parallelism needs from the trainer (harmless on one process).
+
+    Non-reentrant checkpointing (the reentrant one runs backward hooks twice under DDP and
+    breaks with frozen inputs), no search for unused parameters (every LoRA weight gets a
+    gradient every step; the search costs a graph walk per step), and the collective timeout
+    the process group was opened with.
+    """
+    return {
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "ddp_find_unused_parameters": False,
+        "ddp_timeout": int(os.environ.get(DDP_TIMEOUT_ENV, "900")),
     }
 
 

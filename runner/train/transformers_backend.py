@@ -11,6 +11,7 @@ labels.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
+from runner.train.model_files import load_tokenizer, raise_model_load_error
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
 from runner.train.speedups import speed_callbacks
 
@@ -45,7 +47,9 @@ def _dtype(name: str) -> Any:
 
 
 def _device_map() -> dict[str, Any]:
-    return {"": 0} if _torch().cuda.is_available() else {"": "cpu"}
+    # One GPU per rank: torchrun's LOCAL_RANK is this process's device (0 without torchrun).
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return {"": local_rank} if _torch().cuda.is_available() else {"": "cpu"}
 
 
 def quiet_progress_bars() -> None:
@@ -92,19 +96,11 @@ class TransformersBackend:
             )
         try:
             return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-        except (OSError, ValueError) as e:
-            raise SpecError(f"spec.model.source: cannot load the model in {model_dir}: {e}") from e
+        except Exception as e:  # the model files are the user's input: see the helper
+            raise_model_load_error(model_dir, e)
 
     def _load_tokenizer(self, model_dir: Path, trust_remote_code: bool) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise SpecError(f"spec.model.source: no usable tokenizer in {model_dir}: {e}") from e
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return tok
+        return load_tokenizer(model_dir, trust_remote_code)
 
     def load(
         self,

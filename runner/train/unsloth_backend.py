@@ -37,6 +37,7 @@ from runner.train.backend import (
     TokenizedExample,
     TrainOutcome,
 )
+from runner.train.model_files import raise_model_load_error
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
 from runner.train.speedups import enable_varlen_attention, speed_callbacks
 
@@ -113,6 +114,8 @@ class UnslothBackend:
             "load_in_4bit": precision.is_4bit,
             "load_in_16bit": not precision.is_4bit,
         }
+        if "LOCAL_RANK" in os.environ:  # under torchrun: this rank's own GPU
+            kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
         if prequantized(model_dir):
             notes.append(f"{model_dir.name}: pre-quantized checkpoint, loaded as it is")
         elif precision.quant_mode == "dynamic-4bit":
@@ -127,8 +130,8 @@ class UnslothBackend:
             )
         try:
             model, tokenizer = unsloth.FastLanguageModel.from_pretrained(**kwargs)
-        except (OSError, ValueError) as e:
-            raise SpecError(f"spec.model.source: cannot load the model in {model_dir}: {e}") from e
+        except Exception as e:  # the model files are the user's input: see the helper
+            raise_model_load_error(model_dir, e)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer

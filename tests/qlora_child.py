@@ -1,0 +1,108 @@
+"""``qlora run`` as a real child process, measured: exit code, output, wall and CPU time, peak RSS.
+
+The hostile-input tests start the real entrypoint the way a pod does and read the kernel's own
+accounting of the child (``os.wait4``), so "bounded time and memory" is measured, not assumed.
+A child that outlives its limit is killed with its whole process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import REPO
+
+DATA = REPO / "examples" / "data" / "antonyms-chat.jsonl"
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """What one ``qlora run`` did."""
+
+    rc: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    cpu_s: float
+    max_rss_bytes: int
+
+    def assert_user_error(self, *fragments: str, wall_s: float = 150.0) -> None:
+        """Exit 2 with each fragment on stderr, no traceback, no internal error, bounded."""
+        text = self.stdout + self.stderr
+        assert self.rc == 2, f"exit {self.rc}, expected 2:\n{self.stderr[-3000:]}"
+        assert "Traceback" not in text and "internal error" not in text, text[-3000:]
+        for fragment in fragments:
+            assert fragment in self.stderr, f"{fragment!r} not in:\n{self.stderr[-3000:]}"
+        assert "phase training" not in self.stderr, "it must stop before training"
+        assert self.wall_s < wall_s, f"took {self.wall_s:.0f} s"
+        assert self.max_rss_bytes < 3 * 1024**3, f"peak RSS {self.max_rss_bytes / 1024**3:.1f} GiB"
+
+
+def tiny_job(
+    tmp: Path,
+    model: Path,
+    *,
+    data: Path = DATA,
+    dataset: dict[str, Any] | None = None,
+    model_fields: dict[str, Any] | None = None,
+    steps: int = 2,
+) -> Path:
+    """The shipped tiny CPU example with this test's model, data and dataset fields."""
+    doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text(encoding="utf-8"))
+    body = doc["spec"]
+    body["model"] = {"source": str(model), **(model_fields or {})}
+    body["dataset"] = {"sources": [str(data)], "format": "messages", **(dataset or {})}
+    body["dataset"].pop("eval_fraction", None)
+    body["training"].update(max_steps=steps, logging_steps=1)
+    body["output"]["uri"] = f"file://{tmp / 'store'}/out"
+    body["metrics"] = {"enabled": False}
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+def run_qlora(spec: Path, work: Path, *, limit_s: float = 300.0) -> ChildResult:
+    """Run ``python -m runner run --spec SPEC`` to the end (killed after ``limit_s``)."""
+    env = {
+        **os.environ,
+        "QLORA_WORK_DIR": str(work),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = work / "stdout.txt", work / "stderr.txt"
+    started = time.monotonic()
+    with out_path.open("w") as out, err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "run", "--spec", str(spec)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return ChildResult(
+        rc=proc.returncode,
+        stdout=out_path.read_text(errors="replace"),
+        stderr=err_path.read_text(errors="replace"),
+        wall_s=time.monotonic() - started,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        max_rss_bytes=usage.ru_maxrss * 1024,
+    )
