@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tests.fixtures.cluster import (
     pod_manifest,
 )
 from tests.fixtures.kube import BIN_ENV, ControlPlane
+from tests.fixtures.prometheus import PrometheusServer, Pushgateway
 from tests.fixtures.s3 import SeaweedServer, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -121,10 +122,15 @@ def s3_inputs(s3_server: SeaweedServer, tiny_model_dir: Path) -> dict[str, str]:
 
 
 def _spec(tmp_path: Path, inputs: dict[str, str], name: str, *, steps: int = 8,
-          **training: Any) -> Path:
+          metrics: dict[str, Any] | None = None, **training: Any) -> Path:
     doc = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text(encoding="utf-8"))
     doc["metadata"]["name"] = name
     body = doc["spec"]
+    if metrics is not None:
+        body["metrics"] = metrics
+    # A few steps of a random tiny model need not beat the base model: these tests are
+    # about the cluster, and the held-out evaluation would double each pod's time.
+    body["evaluation"] = {"enabled": False}
     body["model"]["source"] = inputs["model"]
     body["dataset"]["sources"] = [inputs["data"]]
     body["training"]["max_steps"] = steps
@@ -304,7 +310,10 @@ def operator_release(
             cluster.cp.wait_for("the operator pod Ready", operator_ready, 150, 1.0)
         except AssertionError as e:
             pods = [(p["metadata"]["name"], p["status"]) for p in cluster.cp.pods(ns)]
-            raise AssertionError(f"{e}: {json.dumps(pods)[:3000]}") from e
+            logs = [_kubectl(cluster, "logs", "-n", ns, str(p[0]), "--tail=30").stdout
+                    for p in pods]
+            raise AssertionError(f"{e}: {json.dumps(pods)[:3000]}; operator log: "
+                                 f"{logs!r:.6000}") from e
         yield Release(ns=ns, env=env)
     finally:
         _helm(cluster, "uninstall", "ft", "--namespace", ns)
@@ -451,3 +460,42 @@ def test_deleting_the_running_pod_checkpoints_and_the_replacement_resumes(
     assert 3 <= step < steps
     manifests = _manifests(s3_server, s3_inputs["bucket"], "adapters/preempt/")
     assert len(manifests) == 1 and manifests[0]["training"]["steps"] == steps
+
+
+@pytest.mark.timeout(360)
+def test_submit_wait_prints_the_adapter_and_prometheus_scrapes_the_real_pod(
+    cluster: Cluster, ns: str, s3_server: SeaweedServer, s3_inputs: dict[str, str],
+    pushgateway: Pushgateway, start_prometheus: Callable[..., PrometheusServer],
+    tmp_path: Path,
+) -> None:
+    """`qlora submit --wait` runs the spec to a published adapter and prints its URI; while
+    the real pod trains, Prometheus scrapes its /metrics (host network, the spec's port);
+    after the pod ends its final values are in the Pushgateway."""
+    port = free_port()
+    env = _deploy_env(cluster, s3_server, ns, tmp_path)
+    spec = _spec(tmp_path, s3_inputs, "submitted", steps=40, logging_steps=1,
+                 metrics={"enabled": True, "port": port, "pushgateway_url": pushgateway.url})
+    prom = start_prometheus([f"127.0.0.1:{port}"], pushgateway)
+    qlora = str(Path(sys.executable).parent / "qlora")
+    with subprocess.Popen([qlora, "submit", "--wait", "--timeout", "240", str(spec)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=REPO) as submit:
+        try:
+            scraped = prom.wait_for(
+                'qlora_train_step{job="trainer"}', lambda r: bool(r) and r[0][1] >= 1, 240)
+            out, err = submit.communicate(timeout=270)
+        finally:
+            if submit.poll() is None:
+                submit.kill()
+                submit.communicate(timeout=10)
+    assert submit.returncode == 0, err[-3000:]
+    uri = out.strip().splitlines()[-1]
+    assert uri.startswith(f"{s3_inputs['output']}/submitted/runs/"), (out, err[-2000:])
+    assert scraped[0][0]["instance"] == f"127.0.0.1:{port}"
+    manifests = _manifests(s3_server, s3_inputs["bucket"], "adapters/submitted/")
+    assert len(manifests) == 1 and manifests[0]["training"]["steps"] == 40
+    # The pod is gone from Prometheus' view; its last values are in the Pushgateway.
+    assert pushgateway.value("qlora_job_exit_code", job="submitted", namespace=ns) == 0
+    assert pushgateway.value("qlora_train_step", job="submitted", namespace=ns) == 40
+    assert pushgateway.value("qlora_job_phase", job="submitted", namespace=ns,
+                             phase="succeeded") == 1
