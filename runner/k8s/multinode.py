@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.plan.planner import GPU_COUNT_LABEL
 from runner.plan.types import Plan
 
-GPU_COUNT_LABEL = "nvidia.com/gpu.count"
 MASTER_PORT = 29500
 """The static rendezvous' port on index 0 (torchrun's default)."""
 RENDEZVOUS_PORT_NAME = "rendezvous"
