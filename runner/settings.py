@@ -156,6 +156,15 @@ class Settings(BaseSettings):
     operator_bind_address: str = Field(
         "0.0.0.0", description="Address the operator's health and metrics endpoint listens on."
     )
+    operator_metrics_port_tries: int = Field(
+        1, ge=1, le=64,
+        description="Ports tried from QLORA_OPERATOR_METRICS_PORT upwards, the first free one "
+        "bound: replicas sharing one node's network (hostNetwork) each get their own.",
+    )
+    operator_endpoint_file: str | None = Field(
+        None, description="File the operator writes its endpoint's 'host:port' to once bound "
+        "(the chart's exec probes read it under hostNetwork, where the port differs per pod).",
+    )
     operator_namespaces: list[str] = Field(
         default_factory=list,
         description="Namespaces a namespace-scoped operator watches (a Role in each); empty: "

@@ -267,3 +267,86 @@ def test_no_registry_host_in_the_chart() -> None:
         refs += [(f.name, r) for r in image_refs(f.read_text(encoding="utf-8"))]
     assert any(name == "values.yaml" for name, _ in refs), "values.yaml names no image"
     assert not [(n, r) for n, r in refs if has_registry_host(r)], refs
+
+
+def _free_run(n: int) -> int:
+    """A port p with p .. p+n-1 all free on 127.0.0.1 right now."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise AssertionError("no run of free ports")
+
+
+def test_host_network_replicas_share_a_node_and_each_is_probed_on_its_own_port(
+    tmp_path: Path,
+) -> None:
+    """Under hostNetwork a declared container port is a hostPort, and the scheduler puts no
+    two pods with one hostPort on a node: the standby (and a rolling update's surge pod)
+    would stay Pending. So the chart declares none; each replica binds the first free port
+    from operator.port on and the rendered exec probe asks the one its own pod wrote down."""
+    import sys
+
+    from runner.k8s.operator_metrics import HealthServer, OperatorMetrics
+
+    values = tmp_path / "values.yaml"
+    base = _free_run(3)
+    values.write_text(f"operator: {{hostNetwork: true, port: {base}, "
+                      "bindAddress: 127.0.0.1}\n", encoding="utf-8")
+    docs = by_kind(template(str(values)))
+    (deploy,) = docs["Deployment"]
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostNetwork"] is True and "ports" not in container
+    env = {e["name"]: e.get("value", "") for e in container["env"]}
+    settings = settings_from(env)
+    assert settings.operator_metrics_port_tries == deploy["spec"]["replicas"] + 1 == 3
+    probes = {p: container[p]["exec"]["command"] for p in ("livenessProbe", "readinessProbe")}
+    assert probes["readinessProbe"][-1] == "/readyz" and probes["livenessProbe"][-1] == "/healthz"
+    file_arg = settings.operator_endpoint_file
+    assert file_arg and probes["readinessProbe"][-2] == file_arg
+
+    # Two replicas on one network namespace, as the chart starts them (each pod's /tmp is its
+    # own emptyDir: here two files).
+    state = {"a": (True, "leader"), "b": (False, "0 of 4 watches have listed")}
+    servers = []
+    try:
+        for name in ("a", "b"):
+            servers.append(HealthServer(
+                OperatorMetrics(), live=lambda: (True, "alive"),
+                ready=lambda n=name: state[n], port=settings.operator_metrics_port,
+                bind_address=settings.operator_bind_address,
+                port_tries=settings.operator_metrics_port_tries,
+                endpoint_file=str(tmp_path / f"endpoint-{name}")).start())
+        assert servers[0].port == base and servers[1].port == base + 1
+
+        def probe(kind: str, name: str) -> int:
+            cmd = [sys.executable if c == "python3" else c for c in probes[kind]]
+            cmd[-2] = str(tmp_path / f"endpoint-{name}")
+            return subprocess.run(cmd, capture_output=True, timeout=30, check=False).returncode
+
+        assert (probe("readinessProbe", "a"), probe("readinessProbe", "b")) == (0, 1)
+        assert (probe("livenessProbe", "a"), probe("livenessProbe", "b")) == (0, 0)
+        state["b"] = (True, "standby")
+        assert probe("readinessProbe", "b") == 0
+        servers.pop(0).stop()  # a stopped replica's file is gone: its probe fails
+        assert probe("livenessProbe", "a") != 0
+    finally:
+        for s in servers:
+            s.stop()

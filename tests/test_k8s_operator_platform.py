@@ -211,6 +211,23 @@ def _jobs_by_ftj(cp: ControlPlane, ns: str) -> dict[str, list[str]]:
     return out
 
 
+def _owned_uids(cp: ControlPlane, ns: str) -> dict[str, str]:
+    """``kind/name -> uid`` of every Job and ConfigMap the operator made: a uid that changes
+    is an object deleted and made again."""
+    out: dict[str, str] = {}
+    for kind, path in (("job", "/apis/batch/v1"), ("configmap", "/api/v1")):
+        plural = "jobs" if kind == "job" else "configmaps"
+        for o in cp.request("GET", f"{path}/namespaces/{ns}/{plural}?labelSelector="
+                                   f"{names.LABEL_MANAGED_BY}%3Dqlora-operator")["items"]:
+            out[f"{kind}/{o['metadata']['name']}"] = o["metadata"]["uid"]
+    return out
+
+
+def _phases(cp: ControlPlane, ns: str) -> dict[str, str]:
+    return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "")
+            for i in cp.request("GET", ftj_path(ns))["items"]}
+
+
 def _succeed(cp: ControlPlane, ns: str, name: str, uri: str) -> None:
     pod = cp.wait_for_bound_pod(ns, f"{names.LABEL_JOB}={name}")
     cp.play_kubelet(ns, pod["metadata"]["name"], phase="Succeeded",
@@ -231,14 +248,20 @@ def test_nothing_is_lost_when_kube_apiserver_and_then_etcd_restart(
             create_ftj(cp, ns, example(name))
         for name in ("a", "b", "c"):
             wait_status(cp, ns, name, "Planned", timeout_s=60)
+        before = _owned_uids(cp, ns)
+        assert len(before) == 6, before  # a Job and a ConfigMap each
 
         cp.restart("kube-apiserver", down_s=2)
+        # Right after the restart, before anything else happens: every status is still there.
+        assert _phases(cp, ns) == dict.fromkeys("abc", "Planned")
         _succeed(cp, ns, "a", "s3://x/a")  # happens while the watches reconnect
         create_ftj(cp, ns, example("d"))
         assert wait_status(cp, ns, "a", "Succeeded", timeout_s=60)["adapterURI"] == "s3://x/a"
         wait_status(cp, ns, "d", "Planned", timeout_s=60)
 
         cp.restart("etcd", down_s=3)
+        assert _phases(cp, ns) == {"a": "Succeeded", "b": "Planned", "c": "Planned",
+                                   "d": "Planned"}
         _succeed(cp, ns, "b", "s3://x/b")
         create_ftj(cp, ns, example("e"))
         assert wait_status(cp, ns, "b", "Succeeded", timeout_s=90)["adapterURI"] == "s3://x/b"
@@ -249,6 +272,9 @@ def test_nothing_is_lost_when_kube_apiserver_and_then_etcd_restart(
                           "e": "Planned"}
         jobs = _jobs_by_ftj(cp, ns)
         assert {k: len(v) for k, v in jobs.items()} == dict.fromkeys("abcde", 1), jobs
+        after = _owned_uids(cp, ns)  # nothing deleted and made again, nothing deleted at all
+        assert {k: after.get(k) for k in before} == before
+        assert len(after) == 10, after
         restarts = op.metrics.value("qlora_operator_watch_restarts_total",
                                     resource="finetunejobs", reason="error") or 0
         assert restarts >= 1  # the watches really broke and came back

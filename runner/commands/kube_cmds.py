@@ -234,7 +234,9 @@ def _operator(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: op.stop())
     server = HealthServer(metrics, live=op.live, ready=op.ready,
                           port=settings.operator_metrics_port,
-                          bind_address=settings.operator_bind_address).start()
+                          bind_address=settings.operator_bind_address,
+                          port_tries=settings.operator_metrics_port_tries,
+                          endpoint_file=settings.operator_endpoint_file).start()
     try:
         op.run(max_seconds=args.max_seconds)
     finally:

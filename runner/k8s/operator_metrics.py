@@ -33,6 +33,7 @@ import logging
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -127,19 +128,33 @@ class HealthServer:
         ready: Readiness probe.
         port: TCP port (0: any free one, see :attr:`port`).
         bind_address: Listening address.
+        port_tries: Ports tried from ``port`` upwards; the first free one is bound (two
+            replicas on one node's network each get their own).
+        endpoint_file: Where to write ``host:port`` once bound (for exec probes), or None.
     """
 
     def __init__(self, metrics: OperatorMetrics, *, live: Probe, ready: Probe, port: int,
-                 bind_address: str = "0.0.0.0") -> None:
+                 bind_address: str = "0.0.0.0", port_tries: int = 1,
+                 endpoint_file: str | None = None) -> None:
         self.metrics = metrics
         self._probes: dict[str, Probe] = {"/healthz": live, "/livez": live, "/readyz": ready}
-        try:
-            self._server = ThreadingHTTPServer((bind_address, port), _handler(self))
-        except OSError as e:
+        self._endpoint_file = Path(endpoint_file) if endpoint_file else None
+        candidates = [port] if port == 0 else list(range(port, min(port + port_tries, 65536)))
+        last: OSError | None = None
+        for candidate in candidates:
+            try:
+                self._server = ThreadingHTTPServer((bind_address, candidate), _handler(self))
+                break
+            except OSError as e:
+                last = e
+        else:
+            assert last is not None
+            tried = f"{port}" if len(candidates) == 1 else f"{port}-{candidates[-1]}"
             raise SpecError(
-                f"QLORA_OPERATOR_METRICS_PORT: cannot listen on {bind_address}:{port}: "
-                f"{e.strerror or e}; pick a free port (or QLORA_OPERATOR_BIND_ADDRESS)"
-            ) from e
+                f"QLORA_OPERATOR_METRICS_PORT: cannot listen on {bind_address}:{tried}: "
+                f"{last.strerror or last}; pick a free port (or QLORA_OPERATOR_BIND_ADDRESS, "
+                "QLORA_OPERATOR_METRICS_PORT_TRIES)"
+            ) from last
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="operator-http",
                                         kwargs={"poll_interval": 0.5}, daemon=True)
@@ -150,8 +165,14 @@ class HealthServer:
         return int(self._server.server_address[1])
 
     def start(self) -> HealthServer:
-        """Serve in the background."""
+        """Serve in the background (and say where, in the endpoint file)."""
         self._thread.start()
+        if self._endpoint_file is not None:
+            host = str(self._server.server_address[0])
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            tmp = self._endpoint_file.with_name(self._endpoint_file.name + ".tmp")
+            tmp.write_text(f"{host}:{self.port}\n", encoding="utf-8")
+            tmp.replace(self._endpoint_file)  # a probe never reads half a line
         log.info("operator endpoint listening", extra={"port": self.port})
         return self
 
@@ -160,6 +181,8 @@ class HealthServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+        if self._endpoint_file is not None:
+            self._endpoint_file.unlink(missing_ok=True)
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
         """(HTTP status, content type, body) for a GET of ``path``."""

@@ -121,3 +121,28 @@ Names of imagePullSecrets as a JSON list, for QLORA_IMAGE_PULL_SECRETS (the trai
 {{- end }}
 {{- $names | toJson }}
 {{- end }}
+
+{{/*
+A probe of the operator's endpoint at `path`. On the pod network: an httpGet of the named
+port. Under hostNetwork the chart declares no container port (it would be a hostPort, and the
+scheduler puts no two pods with one hostPort on a node: the standby and a rolling update's
+surge pod would stay Pending), so each replica binds its own port and the kubelet runs a
+standard-library client in the container that asks the port written in the pod's own /tmp.
+*/}}
+{{- define "qlora-runner.operatorProbe" -}}
+{{- if .hostNetwork -}}
+exec:
+  command:
+    - python3
+    - -I
+    - -S
+    - -c
+    - "import http.client as h, sys; a, p = open(sys.argv[1]).read().split(':'); c = h.HTTPConnection(a, int(p), timeout=4); c.request('GET', sys.argv[2]); sys.exit(c.getresponse().status != 200)"
+    - /tmp/qlora-operator-endpoint
+    - {{ .path }}
+{{- else -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+{{- end -}}
+{{- end }}
