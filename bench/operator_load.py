@@ -6,7 +6,8 @@ larger burst, and writes to ``--out``:
 
 - ``results.json``: what the test measured (see its docstring for each number);
 - ``env.json``: machine, Python and library versions, the control plane's version, the command;
-- ``pytest.log``: the run's output.
+- ``pytest.log``: the run's output;
+- ``loadavg.txt``: the machine's load average every 10 s while it ran.
 
 Usage (from the repository root, after ``scripts/test.sh``'s set-up)::
 
@@ -22,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -43,9 +45,23 @@ def main() -> int:
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
            "tests/test_k8s_operator_load.py"]
     start, load_before = time.time(), os.getloadavg()
+    done = threading.Event()
+
+    def sample_load() -> None:  # the machine is shared: say how loaded it was throughout
+        with open(args.out / "loadavg.txt", "w", encoding="utf-8") as f:
+            while not done.wait(10.0 if f.tell() else 0.0):
+                one, five, fifteen = os.getloadavg()
+                f.write(f"{time.strftime('%H:%M:%S', time.gmtime())} {one:.2f} {five:.2f} "
+                        f"{fifteen:.2f}\n")
+                f.flush()
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     with open(args.out / "pytest.log", "w", encoding="utf-8") as log:
         rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             check=False).returncode
+    done.set()
+    sampler.join(timeout=5)
     bins = Path(os.environ.get("QLORA_KUBE_BIN_DIR", ""))
     version = subprocess.run([str(bins / "kube-apiserver"), "--version"], capture_output=True,
                              text=True, check=False).stdout.strip() if bins.name else "?"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +327,15 @@ def test_host_network_replicas_share_a_node_and_each_is_probed_on_its_own_port(
     # own emptyDir: here two files).
     state = {"a": (True, "leader"), "b": (False, "0 of 4 watches have listed")}
     servers = []
+
+    def readiness(name: str) -> Callable[[], tuple[bool, str]]:
+        return lambda: state[name]
+
     try:
         for name in ("a", "b"):
             servers.append(HealthServer(
                 OperatorMetrics(), live=lambda: (True, "alive"),
-                ready=lambda n=name: state[n], port=settings.operator_metrics_port,
+                ready=readiness(name), port=settings.operator_metrics_port,
                 bind_address=settings.operator_bind_address,
                 port_tries=settings.operator_metrics_port_tries,
                 endpoint_file=str(tmp_path / f"endpoint-{name}")).start())

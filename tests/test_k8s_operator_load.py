@@ -239,6 +239,7 @@ def test_a_burst_of_finetunejobs_is_planned_and_completed_within_bounds(
                 "qlora_operator_reconcile_duration_seconds_count")),
             "operator_requests_during_burst": burst_ops - base_ops,
             "burst_operator_rps": round((burst_ops - base_ops) / planned_s, 2),
+            "burst_operator_requests_per_job": round((burst_ops - base_ops) / N, 2),
             "burst_apiserver_rps_all_clients": round((burst_all - base_all) / planned_s, 2),
             "settle_after_planned_s": round(settle_s, 1),
             "rest_window_s": round(rest_s, 1),
@@ -259,6 +260,10 @@ def test_a_burst_of_finetunejobs_is_planned_and_completed_within_bounds(
         if OUT:
             Path(OUT).write_text(json.dumps({**result, "settings": proc_env_logging},
                                             indent=2) + "\n", encoding="utf-8")
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                Path(OUT).with_name("metrics.txt").write_bytes(r.read())
         if N <= 200:
             for key, bound in BOUNDS.items():
                 assert result[key] <= bound, f"{key} = {result[key]} > {bound}: {result}"

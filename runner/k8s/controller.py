@@ -52,9 +52,12 @@ WATCH_TIMEOUT_S = 300
 
 
 def default_identity() -> str:
-    """This replica's Lease holder identity: the pod name (hostname) plus a random suffix, as
-    client-go does, so a restarted pod with the same name is a new candidate."""
-    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    """This replica's Lease holder identity: the pod name plus a random suffix, as client-go
+    does, so a restarted pod with the same name is a new candidate. The pod name comes from
+    ``POD_NAME`` (the chart sets it from the downward API: under hostNetwork the hostname is
+    the node's, the same for every replica there), else the hostname."""
+    who = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{who}_{uuid.uuid4().hex[:8]}"
 
 
 class Controller:
