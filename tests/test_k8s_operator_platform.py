@@ -283,6 +283,46 @@ def test_nothing_is_lost_when_kube_apiserver_and_then_etcd_restart(
         t.join(timeout=20)
 
 
+def test_a_missed_event_is_repaired_by_the_periodic_resync(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], crd: None,  # noqa: F811
+    kube_namespace: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The operator goes deaf to its Jobs' and pods' events (as if a watch had dropped
+    them): the pod's completion reaches the FineTuneJob through the resync alone."""
+    from runner.k8s import controller as ctl
+
+    cp, ns = kube_control_plane, kube_namespace
+    missed: list[str] = []
+    hear = ctl.Controller._on_event
+
+    def deaf(self: ctl.Controller, etype: str, obj: Obj) -> None:
+        if obj.get("apiVersion") != FINETUNEJOBS.api_version and (
+                (obj.get("metadata") or {}).get("labels") or {}).get(names.LABEL_JOB):
+            missed.append(f"{etype} {obj.get('kind')}")
+            return
+        hear(self, etype, obj)
+
+    monkeypatch.setattr(ctl.Controller, "_on_event", deaf)
+    resync = 4.0
+    op = Operator(load_client(str(cp.kubeconfig)), Settings(), namespace=ns, resync_s=resync)
+    t = threading.Thread(target=op.run, kwargs={"max_seconds": 120}, daemon=True)
+    t.start()
+    try:
+        create_ftj(cp, ns, example("missed"))
+        wait_status(cp, ns, "missed", "Planned", timeout_s=60)
+        seen = len(missed)
+        t0 = time.monotonic()
+        _succeed(cp, ns, "missed", "s3://x/missed")
+        st = wait_status(cp, ns, "missed", "Succeeded", timeout_s=60)
+        took = time.monotonic() - t0
+        assert st["adapterURI"] == "s3://x/missed"
+        assert len(missed) > seen, missed  # the pod's and Job's events really went unheard
+        assert took < resync + 10, f"repaired after {took:.1f} s"  # one resync + a reconcile
+    finally:
+        op.stop()
+        t.join(timeout=20)
+
+
 class StaleList:
     """The real API, except that its first list hands out resourceVersion 1, long compacted
     away: the next watch gets 410 Gone, as after an etcd compaction or a long outage."""

@@ -93,3 +93,18 @@ def test_a_taken_port_is_a_settings_error_not_a_traceback() -> None:
                                             f"127.0.0.1:{port}"):
             HealthServer(OperatorMetrics(), live=lambda: (True, ""), ready=lambda: (True, ""),
                          port=port, bind_address="127.0.0.1")
+
+
+def test_the_lease_holder_is_named_after_the_pod_not_the_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under hostNetwork every replica's hostname is the node's; the chart passes the pod's
+    name (downward API), so `kubectl get lease` says which pod leads."""
+    from runner.k8s.controller import default_identity
+
+    monkeypatch.setenv("HOSTNAME", "node-1")
+    monkeypatch.setenv("POD_NAME", "ft-qlora-runner-5d9c-abcde")
+    a, b = default_identity(), default_identity()
+    assert a.rsplit("_", 1)[0] == "ft-qlora-runner-5d9c-abcde" and a != b
+    monkeypatch.delenv("POD_NAME")
+    assert default_identity().startswith("node-1_")

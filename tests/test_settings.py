@@ -24,3 +24,23 @@ def test_invalid_setting_names_the_variable(
     assert "invalid settings in the QLORA_* environment" in err
     assert "QLORA_STORAGE_RETRIES: Input should be a valid integer" in err
     assert "internal error" not in err
+
+
+def test_leader_election_timings_are_settings_with_client_gos_defaults(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runner.settings import Settings
+
+    s = Settings()
+    assert (s.operator_lease_duration_s, s.operator_renew_deadline_s,
+            s.operator_retry_period_s) == (15.0, 10.0, 2.0)
+    monkeypatch.setenv("QLORA_OPERATOR_LEASE_DURATION_S", "4")
+    monkeypatch.setenv("QLORA_OPERATOR_RENEW_DEADLINE_S", "3")
+    monkeypatch.setenv("QLORA_OPERATOR_RETRY_PERIOD_S", "1")
+    fast = Settings()
+    assert (fast.operator_lease_duration_s, fast.operator_renew_deadline_s) == (4.0, 3.0)
+    # A renew deadline past the lease duration would let two leaders overlap: refused.
+    monkeypatch.setenv("QLORA_OPERATOR_RENEW_DEADLINE_S", "5")
+    assert main(["operator", "--once"]) == 2
+    assert "QLORA_OPERATOR_LEASE_DURATION_S > QLORA_OPERATOR_RENEW_DEADLINE_S" in \
+        capsys.readouterr().err
