@@ -23,9 +23,8 @@ import pytest
 import yaml
 
 from runner.k8s import names
-from tests.conftest import REPO, require_binary
-from tests.fixtures.cluster import Cluster
-from tests.fixtures.kube import BIN_ENV
+from tests.conftest import REPO
+from tests.fixtures.cluster import Cluster, helm, kubectl
 from tests.test_helm import _free_run
 from tests.test_k8s_operator import example, ftj_path
 
@@ -44,15 +43,8 @@ class Release:
     values: Path
 
 
-def _helm(c: Cluster, *args: str, timeout_s: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_binary("helm"), f"--kubeconfig={c.kubeconfig}", *args],
-                          capture_output=True, text=True, timeout=timeout_s, check=False)
-
-
-def _kubectl(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([require_binary("kubectl", env_dir=BIN_ENV),
-                           f"--kubeconfig={c.kubeconfig}", *args],
-                          capture_output=True, text=True, timeout=60, check=False)
+def _helm(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return helm(c, *args, timeout_s=180)
 
 
 def _pods(c: Cluster, ns: str) -> list[dict[str, Any]]:
@@ -84,7 +76,7 @@ def _diagnose(c: Cluster, ns: str) -> str:
     out = []
     for p in c.cp.pods(ns, OPERATOR):
         name = p["metadata"]["name"]
-        logs = _kubectl(c, "logs", "-n", ns, name, "--tail=20").stdout
+        logs = kubectl(c, "logs", "-n", ns, name, "--tail=20").stdout
         out.append(f"{name}: {p['status'].get('phase')} "
                    f"{[(x['type'], x['status']) for x in p['status'].get('conditions', [])]}"
                    f" {p['status'].get('containerStatuses')}\n{logs}")
@@ -174,7 +166,7 @@ def test_the_standby_runs_beside_the_leader_and_takes_over_when_its_pod_is_delet
 
     # `kubectl delete pod` of the leader: SIGTERM, the leader releases the Lease on its way.
     t0 = time.monotonic()
-    deleted = _kubectl(c, "delete", "pod", "-n", rel.ns, leader, "--wait=false")
+    deleted = kubectl(c, "delete", "pod", "-n", rel.ns, leader, "--wait=false")
     assert deleted.returncode == 0, deleted.stderr
     c.cp.request("POST", ftj_path(rel.ns), _ftj("after-delete"))
     _wait(c, rel, "the standby to lead", lambda: _holder(c, rel) == standby,
