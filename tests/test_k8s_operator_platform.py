@@ -204,6 +204,36 @@ def test_a_finetunejob_that_keeps_failing_backs_off_and_blocks_no_other(
         t.join(timeout=20)
 
 
+def test_no_more_finetunejobs_are_reconciled_at_once_than_there_are_workers(
+    kube_control_plane: ControlPlane, crd: None, kube_namespace: str,  # noqa: F811
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def slow_planner(spec: JobSpec, settings: Settings) -> Plan:
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.8)  # a reconcile that takes a while: the others must wait for a worker
+        with lock:
+            now[0] -= 1
+        return make_plan(spec, settings)
+
+    op = Operator(load_client(str(cp.kubeconfig)), Settings(operator_workers=2), namespace=ns,
+                  resync_s=300, planner=slow_planner)
+    for i in range(6):
+        create_ftj(cp, ns, example(f"w-{i}"))
+    t = threading.Thread(target=op.run, kwargs={"max_seconds": 90}, daemon=True)
+    t.start()
+    try:
+        for i in range(6):
+            wait_status(cp, ns, f"w-{i}", "Planned", timeout_s=60)
+        assert most[0] == 2, most  # two at once (and never three)
+    finally:
+        op.stop()
+        t.join(timeout=20)
+
+
 def _jobs_by_ftj(cp: ControlPlane, ns: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for j in cp.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs")["items"]:
