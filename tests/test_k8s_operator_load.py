@@ -43,18 +43,26 @@ NAMESPACES = int(os.environ.get("QLORA_LOAD_NAMESPACES", "4"))
 OUT = os.environ.get("QLORA_LOAD_OUT")
 REST_S = float(os.environ.get("QLORA_LOAD_REST_S", "20"))
 
-# Regression bounds for the 200-job CI burst, from the committed runs in bench/operator/
-# (1,000 jobs: Planned in 445 s, reconcile p99 4.7 s, 146 MiB; 200 jobs: Planned in 79 s, p99
-# 5.7 s, 83 MiB, at rest 1.0 request/s, all of it the Lease), measured on a 2-core machine at
-# a load average near 20, with room for CI noise.
+# Regression bounds for the 200-job CI burst, from the committed runs in bench/operator/ on a
+# shared 2-core machine (load average 8-23), about twice the worst 200-job figure:
+#   200 jobs (run3 / run4 / run6): Planned in 79 / 43 / 29 s, reconcile p99 5.7 / 2.3 / 2.0 s,
+#   peak RSS 83 / 84 / 85 MiB, at rest 1.0 request/s, none but the Lease's, Succeeded in 33 /
+#   26 / 25 s, `qlora status -A` 5.7 / 4.6 / 3.6 s, 5.9 / 6.1 / 6.0 requests per FineTuneJob,
+#   at rest 3.2 / 1.1 / 5.1 s after the last Planned;
+#   1,000 jobs (run5, after the at-rest fix): Planned in 187 s, p99 2.4 s, 189 MiB, at rest
+#   0.97 request/s (all the Lease), Succeeded in 123 s, status -A 7.3 s, 5.75 requests per job.
 BOUNDS = {
-    "planned_s": 240.0,
-    "reconcile_p99_s": 10.0,
-    "peak_rss_mib": 400.0,
-    "rest_operator_rps": 1.5,  # the Lease renewal (a get and an update every 2 s) is 1/s
-    "rest_operator_rps_without_lease": 0.5,
-    "succeeded_s": 240.0,
-    "qlora_status_all_namespaces_s": 15.0,
+    "planned_s": 160.0,
+    "reconcile_p99_s": 10.0,  # the histogram's bucket edge above the worst (5.7 s)
+    "peak_rss_mib": 160.0,
+    "rest_operator_rps": 1.2,  # the Lease renewal (a get and an update every 2 s) is 1/s
+    "rest_operator_rps_without_lease": 0.1,  # nothing else: one request in 20 s is 0.05
+    "settle_after_planned_s": 60.0,  # a hot loop never comes to rest (run2)
+    "succeeded_s": 90.0,
+    "qlora_status_all_namespaces_s": 12.0,
+    # per FineTuneJob: a fresh read of it and of its Job, the ConfigMap and Job applies, and
+    # the status writes (Planned, then the pod's Pending message): 5 to 6
+    "burst_operator_requests_per_job": 8.0,
 }
 
 pytestmark = [pytest.mark.k8s, pytest.mark.integration, pytest.mark.slow,
@@ -186,7 +194,8 @@ def test_a_burst_of_finetunejobs_is_planned_and_completed_within_bounds(
                 quiet[:] = [time.monotonic(), writes]
             return time.monotonic() - quiet[0] >= 5
 
-        cp.wait_for("the operator to come to rest", settled, timeout_s=900, every_s=1.0)
+        cp.wait_for("the operator to come to rest", settled, every_s=1.0,
+                    timeout_s=BOUNDS["settle_after_planned_s"] * (15 if N > 200 else 2))
         settle_s = time.monotonic() - settle0 - 5
         rest0, rest0_all, r0 = _metrics(port), sum(cp.apiserver_requests().values()), \
             time.monotonic()
