@@ -310,7 +310,9 @@ def test_host_network_replicas_share_a_node_and_each_is_probed_on_its_own_port(
     base = _free_run(3)
     values.write_text(f"operator: {{hostNetwork: true, port: {base}, "
                       "bindAddress: 127.0.0.1}\n", encoding="utf-8")
-    docs = by_kind(template(str(values)))
+    rendered = template(str(values))
+    check(next(d for d in rendered if d["kind"] == "Deployment"))  # the exec probes validate
+    docs = by_kind(rendered)
     (deploy,) = docs["Deployment"]
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
