@@ -357,3 +357,16 @@ def test_host_network_replicas_share_a_node_and_each_is_probed_on_its_own_port(
     finally:
         for s in servers:
             s.stop()
+
+
+def test_manifests_default_to_two_replicas_named_by_pod() -> None:
+    """The plain manifests match the chart: two replicas, rolling with none unavailable, the
+    Lease holder named after its pod."""
+    docs = list(yaml.safe_load_all((REPO / "manifests" / "operator.yaml").read_text("utf-8")))
+    for deploy in (next(d for d in docs if d and d["kind"] == "Deployment"),
+                   by_kind(template())["Deployment"][0]):
+        assert deploy["spec"]["replicas"] == 2
+        assert deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        (container,) = deploy["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
