@@ -1,8 +1,8 @@
 """The operator as a platform team runs it, on the real one-node cluster
 (tests/fixtures/cluster.py: containerd, kubelet and the image of this tree): the chart's two
 replicas on one node's network (the standby really runs), ``kubectl delete pod`` of the
-leader, and ``helm upgrade`` of the running operator while FineTuneJobs are being created,
-with ``qlora status -A`` during that burst.
+leader, ``kill -9`` of the leader's process, and ``helm upgrade`` of the running operator
+while FineTuneJobs are being created, with ``qlora status -A`` during that burst.
 
 The FineTuneJobs ask for the 80GB class and the node is a 24 GB one, so their pods stay
 Pending: these tests are about the operator, not training, and run no training container.
@@ -10,6 +10,8 @@ Pending: these tests are about the operator, not training, and run no training c
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -182,6 +184,50 @@ def test_the_standby_runs_beside_the_leader_and_takes_over_when_its_pod_is_delet
     assert again[0] == standby
     jobs = _jobs_by_ftj(c, rel.ns)
     assert {k: len(v) for k, v in jobs.items()} == {"before": 1, "after-delete": 1}, jobs
+
+
+def _host_pid(pod: str) -> int:
+    """The host pid of the operator process of ``pod`` (runc shares the host's /proc view;
+    the chart gives the process its pod's name in POD_NAME)."""
+    mark = f"POD_NAME={pod}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if mark in env and b"operator" in cmd:
+            return int(proc.name)
+    raise AssertionError(f"no operator process of pod {pod} on this host")
+
+
+@pytest.mark.timeout(300)
+def test_the_standby_takes_over_within_the_lease_when_the_leaders_process_is_killed(
+    cluster: Cluster, release: Release,
+) -> None:
+    c, rel = cluster, release
+    leader, standby = _wait(c, rel, "two replicas Ready, one leading",
+                            lambda: _two_ready_one_leading(c, rel), 240)
+    t0 = time.monotonic()
+    os.kill(_host_pid(leader), signal.SIGKILL)  # no release: the Lease must run out
+    c.cp.request("POST", ftj_path(rel.ns), _ftj("after-kill"))
+    _wait(c, rel, "the standby to lead", lambda: _holder(c, rel) == standby,
+          LEASE_S + 2 * RETRY_S + RECONCILE_S)
+    _wait(c, rel, "after-kill Planned", lambda: _planned(c, rel.ns, {"after-kill"}), 60)
+    took = time.monotonic() - t0
+    assert took < LEASE_S + RETRY_S * 1.2 + RECONCILE_S, f"takeover took {took:.1f} s"
+    # The kubelet restarts the killed container in the same pod; it stands by now.
+    again = _wait(c, rel, "the restarted replica Ready as standby", lambda: (
+        lambda s: s if s and s[0] == standby else None)(_two_ready_one_leading(c, rel)), 180)
+    assert again[1] == leader
+    restarts = {p["metadata"]["name"]: sum(x.get("restartCount", 0) for x in
+                                           p["status"].get("containerStatuses", []))
+                for p in _pods(c, rel.ns)}
+    assert restarts[leader] >= 1, restarts
+    jobs = _jobs_by_ftj(c, rel.ns)
+    assert len(jobs["after-kill"]) == 1, jobs
 
 
 @pytest.mark.timeout(480)
