@@ -195,10 +195,10 @@ def _host_pid(pod: str) -> int:
             continue
         try:
             env = (proc / "environ").read_bytes().split(b"\0")
-            cmd = (proc / "cmdline").read_bytes()
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if mark in env and b"operator" in cmd:
+        if mark in env and b"operator" in cmd:  # the argument itself, not an exec probe
             return int(proc.name)
     raise AssertionError(f"no operator process of pod {pod} on this host")
 
