@@ -229,3 +229,58 @@ def test_resolve_takes_the_plans_checkpointing() -> None:
     assert shape.gradient_checkpointing is plan.gradient_checkpointing
     assert shape.checkpointed_layers == plan.checkpointed_layers
     assert shape.micro_batch_size == plan.micro_batch_size
+
+
+RUN7_PLANS = {
+    # runner: (shape, checkpointed layers of the pod's re-plan, largest micro batch) from the
+    # re-plan lines of bench/speed/run7-data/log-*.txt; the 80GB run's log did not come back:
+    # same rows, seed and micro batch as the others, so the same 12,949-token peak.
+    "qlora-1b": ("llama-3.2-1b", 0, 12949),
+    "qlora-24gb": ("llama-3.1-8b", 23, 12949),
+    "qlora-80gb": ("llama-3.1-8b", 0, 12949),
+}
+
+
+def _run7(runner: str) -> tuple[float, int, int]:
+    lines = (BENCH / "run7-data" / "results-printed.jsonl").read_text().splitlines()
+    rec = next(r for r in map(json.loads, lines) if r.get("runner") == runner)
+    name, k, tokens = RUN7_PLANS[runner]
+    t = TrainingShape(
+        "4bit",
+        "unsloth",
+        16,
+        2048,
+        16,
+        tokens_per_micro_batch=tokens,
+        gradient_checkpointing=k > 0,
+        checkpointed_layers=k or None,
+    )
+    est = float(estimate(shape_from_config(_config(name)), t).reserved_bytes)
+    return (
+        est,
+        int(rec["qlora_gpu_memory_peak_reserved_bytes"]),
+        int(rec["qlora_gpu_memory_peak_allocated_bytes"]),
+    )
+
+
+@pytest.mark.parametrize("runner", ["qlora-1b", "qlora-24gb"])
+def test_estimate_holds_for_run7s_picked_plans(runner: str) -> None:
+    """Issue 13's bound (-5 % .. +15 % of peak reserved) on the plans the pod picked, run with
+    expandable segments: 1B without checkpointing +5.5 %, 8B 24GB (23 of 32) +2.7 %."""
+    est, reserved, _ = _run7(runner)
+    assert -0.05 <= est / reserved - 1 <= 0.15, est / reserved
+
+
+def test_run7_80gb_estimate_covers_allocated() -> None:
+    est, _, allocated = _run7("qlora-80gb")
+    assert 0.0 <= est / allocated - 1 <= 0.15, est / allocated
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: run7's 80GB plan (no checkpointing) reserved 60.1 GiB for 47.5 allocated "
+    "(+27 % with expandable segments); the estimate is -16 % of reserved",
+)
+def test_run7_80gb_estimate_holds_against_reserved() -> None:
+    est, reserved, _ = _run7("qlora-80gb")
+    assert -0.05 <= est / reserved - 1 <= 0.15, est / reserved

@@ -240,7 +240,12 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
     total += 2 * a * h  # input of q/k/v (shared) and of gate/up (shared)
     total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
     if shape.qk_norm:
-        total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
+        if t.backend == "unsloth" and not shape.fp32_norm:
+            # Unsloth's Qwen3 attention norms q and k with its fused RMS kernel (input kept in
+            # the compute dtype, one fp32 per row): run7's Qwen3-1.7B grid points.
+            total += a * (q + kv)
+        else:
+            total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
     total += 2 * a * q  # attention output, and its contiguous copy into o_proj
     total += 4 * a * f  # gate out, up out, act(gate), act(gate)*up (input of down_proj)
     total += a * t.lora_r * len(t.target_modules)  # LoRA A outputs
