@@ -138,7 +138,19 @@ def _shape(runner: str, tiny: bool) -> str:
     return "llama-3.2-1b" if "1b" in runner.split("-") else "llama-3.1-8b"
 
 
-def start_grid(grid: str, models: Path, out: Path, tiny: bool) -> list[tuple[str, Any, Any]]:
+def pack_logs(logs: Path, out: Path) -> None:
+    """All run logs as one ``logs.tgz`` in ``out`` (the device tool returns few files)."""
+    import tarfile
+
+    tmp = out / "logs.tgz.part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    tmp.replace(out / "logs.tgz")
+
+
+def start_grid(
+    grid: str, models: Path, out: Path, tiny: bool, logs: Path
+) -> list[tuple[str, Any, Any]]:
     """Fixed-length VRAM points (``SHAPE:SEQxMB,SEQxMB;SHAPE:...``): one ``vram_grid.py
     worker`` per shape, all at once (each process reads its own allocator peaks), started
     before the timed runs. Returns ``(shape, process, log file)``."""
@@ -153,7 +165,7 @@ def start_grid(grid: str, models: Path, out: Path, tiny: bool) -> list[tuple[str
     )
     procs = []
     for shape, points in specs:
-        log = (out / f"grid-{shape}.log").open("w")
+        log = (logs / f"grid-{shape}.log").open("w")
         cmd = [
             sys.executable, str(HERE / "vram_grid.py"), "worker", "--shape", shape,
             "--backend", "unsloth" if not tiny else "hf", "--model-dir", str(models / shape),
@@ -222,7 +234,8 @@ def main(argv: list[str]) -> int:
          *sorted({_shape(r, ns.tiny) for r in runners})],
         env=os.environ | OFFLINE_ENV,
     )
-    grid = start_grid(ns.grid, models, out, ns.tiny) if ns.grid else []
+    logs = Path(tempfile.mkdtemp(prefix="speed-logs-"))
+    grid = start_grid(ns.grid, models, out, ns.tiny, logs) if ns.grid else []
     if build.wait() != 0:
         raise SystemExit(f"random_models.py exited {build.returncode}")
     for shape, proc, log in grid:
@@ -233,6 +246,7 @@ def main(argv: list[str]) -> int:
             proc.wait()
         log.close()
         record({"grid": shape, "exit_code": proc.returncode, "at_s": time.time() - t_start})
+    pack_logs(logs, out)
 
     work = Path(tempfile.mkdtemp(prefix="speed-data-"))
     data = work / "realistic.jsonl"
@@ -324,7 +338,7 @@ def main(argv: list[str]) -> int:
                     os.environ.pop(k, None)
             log_path = work / f"sd-{runner}.log"
             if log_path.exists():
-                (out / f"log-{runner}.txt").write_text(log_path.read_text(errors="replace"))
+                (logs / f"log-{runner}.txt").write_text(log_path.read_text(errors="replace"))
             rec["replan"] = replan_line(log_path)
             marks = speed.log_marks(log_path)
             if 1 in marks:
@@ -351,6 +365,7 @@ def main(argv: list[str]) -> int:
             if rec.get(key) and tflops:
                 rec[key.replace("tokens_per_s", "mfu")] = 4 * n_params * rec[key] / (tflops * 1e12)
         record(rec)
+        pack_logs(logs, out)
     print(f"total {time.time() - t_start:.0f}s", flush=True)
     return 0
 
