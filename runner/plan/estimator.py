@@ -79,9 +79,9 @@ class Calibration:
             measured: 1.0).
         unsloth_kept_factor: Unsloth backend: multiplies :func:`unsloth_kept_bytes_per_token`
             (what Unsloth's fused layers keep, counted) for every layer that is not
-            checkpointed (partial or no checkpointing). Fitted to the H200 runs on realistic
-            rows (``bench/speed/run6-data``: 8B with 28 of 32 layers kept, 1B with 14 of 16,
-            both T = 12,949), like the grid, a little above the measurement (VRAM.md).
+            checkpointed (partial or no checkpointing). 1.0, the count as it is: 6-10 % above
+            what the H200 runs on realistic rows kept (``bench/speed/run6-data``: 8B with 28
+            of 32 layers kept, 1B with 14 of 16, both T = 12,949; VRAM.md).
         dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
             does not list the skipped modules (Unsloth: "<10 % more VRAM than BnB 4bit").
         host_base_bytes: Host RAM of the training process without offload (Python, CUDA
@@ -278,8 +278,12 @@ def unsloth_kept_bytes_per_token(shape: ModelShape, t: TrainingShape) -> float:
 
 
 def _kept_per_token(shape: ModelShape, t: TrainingShape, cal: Calibration, counted: float) -> float:
-    """Bytes an uncheckpointed layer keeps per token (backend-specific, see above)."""
-    if t.backend == "unsloth":
+    """Bytes an uncheckpointed layer keeps per token (backend-specific, see above).
+
+    Gemma (fp32 norms) keeps the generic count under Unsloth too: Unsloth compiles Gemma 3's
+    blocks from transformers' code instead of using its fused Llama-style layers, and no
+    Gemma point was measured."""
+    if t.backend == "unsloth" and not shape.fp32_norm:
         return unsloth_kept_bytes_per_token(shape, t) * cal.unsloth_kept_factor
     return counted * (
         cal.uncheckpointed_factor if t.gradient_checkpointing else cal.no_checkpoint_factor
