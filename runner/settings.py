@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         "headless Service, a JobSet (jobset.x-k8s.io/v1alpha2) or a Kubeflow Trainer "
         "TrainJob (trainer.kubeflow.org/v1alpha1).",
     )
+    trainer_runtime: str = Field(
+        "torch-distributed",
+        min_length=1,
+        max_length=253,
+        description="The Kubeflow Trainer ClusterTrainingRuntime a TrainJob runs on "
+        "(multi_node_target trainjob); its terminationGracePeriodSeconds should be 300 or more "
+        "so a preempted run can write its checkpoint.",
+    )
     ddp_timeout_s: int = Field(
         900,
         ge=30,

@@ -197,7 +197,9 @@ def test_two_ranks_train_one_adapter_like_one_process(tiny_model_dir: Path, tmp_
     assert diff / size <= ADAPTER_TOLERANCE, f"adapters differ by {diff / size:.3g} (relative)"
 
 
-def test_sigterm_commits_once_and_world_size_1_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_commits_once_and_world_size_1_resumes(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     steps = 24  # ~1.5 s a step here: the SIGTERM at the first step lands well before the end
     store = tmp_path / "store"
     log = tmp_path / "ddp.log"

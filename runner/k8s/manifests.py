@@ -34,7 +34,7 @@ import yaml
 from runner import __version__
 from runner.deadline import DEADLINE_ENV, POD_NAME_ENV
 from runner.errors import ExitCode, SpecError
-from runner.k8s import multinode, names
+from runner.k8s import jobset, multinode, names, trainjob
 from runner.k8s.pod_fit import config_map_problems, volume_sizes
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
@@ -127,7 +127,9 @@ def render_objects(
         managed_by: Value of ``app.kubernetes.io/managed-by``.
 
     Returns:
-        ``[ConfigMap, Job]`` as plain dicts; ``[ConfigMap, Service, Job]`` over several nodes.
+        ``[ConfigMap, Job]`` as plain dicts; over several nodes ``[ConfigMap, Service, Job]``
+        (``settings.multi_node_target`` indexed-job), ``[ConfigMap, JobSet]`` (jobset) or
+        ``[ConfigMap, TrainJob]`` (trainjob).
 
     Raises:
         SpecError: ``metadata.labels`` holds an invalid or reserved label, or ``queue_name``
@@ -169,17 +171,17 @@ def render_objects(
             "spec": _pod_spec(spec, plan, settings, config_map_name=name, policy=policy),
         },
     }
-    if plan.nodes > 1 and settings.multi_node_target != "indexed-job":
-        raise SpecError(
-            f"QLORA_MULTI_NODE_TARGET: '{settings.multi_node_target}' is not rendered yet; "
-            "use indexed-job (a batch/v1 Indexed Job with a headless Service)"
-        )
-    if plan.nodes > 1:  # one pod per node: an Indexed Job behind a headless Service
+    target = settings.multi_node_target if plan.nodes > 1 else None
+    if target is not None:  # one pod per node: an Indexed Job (alone or in a JobSet/TrainJob)
         job_spec.update(multinode.indexed_job_fields(plan))
         pod = job_spec["template"]["spec"]
-        pod["subdomain"] = multinode.service_name(name)
         train = pod["containers"][0]
-        train["env"] += multinode.rank_env(name, ns)
+        if target == "indexed-job":
+            pod["subdomain"] = multinode.service_name(name)
+            train["env"] += multinode.rank_env(multinode.master_host(name, ns))
+        elif target == "jobset":
+            train["env"] += multinode.rank_env(jobset.master_host(name, ns))
+        # a TrainJob's runtime gives torchrun's PET_* environment itself
         train.setdefault("ports", []).append(
             {
                 "name": multinode.RENDEZVOUS_PORT_NAME,
@@ -203,9 +205,20 @@ def render_objects(
         },
         "spec": job_spec,
     }
-    if plan.nodes > 1:
+    if target == "jobset":
+        return [config_map, jobset.render_jobset(job, restarts=policy.backoff_limit)]
+    if target == "trainjob":
+        trainer_job = trainjob.render_trainjob(
+            job,
+            nodes=plan.nodes,
+            gpus_per_node=plan.gpus_per_node,
+            runtime=settings.trainer_runtime,
+        )
+        return [config_map, trainer_job]
+    if target == "indexed-job":
         return [config_map, multinode.headless_service(name, meta), job]
     return [config_map, job]
+
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:

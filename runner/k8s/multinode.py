@@ -78,9 +78,9 @@ def indexed_job_fields(plan: Plan) -> dict[str, Any]:
     }
 
 
-def rank_env(job_name: str, namespace: str) -> list[dict[str, Any]]:
+def rank_env(master: str) -> list[dict[str, Any]]:
     """The rendezvous environment of every pod (the node rank is JOB_COMPLETION_INDEX)."""
     return [
-        {"name": "QLORA_MASTER_ADDR", "value": master_host(job_name, namespace)},
+        {"name": "QLORA_MASTER_ADDR", "value": master},
         {"name": "QLORA_MASTER_PORT", "value": str(MASTER_PORT)},
     ]
