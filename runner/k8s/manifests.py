@@ -191,18 +191,17 @@ def render_objects(
         )
     if queue_name is not None:
         job_spec["suspend"] = True
+    annotations = {
+        names.ANNOTATION_SPEC_HASH: full_hash,
+        names.ANNOTATION_VRAM_ESTIMATE: str(plan.vram_estimate_bytes),
+        names.ANNOTATION_QUANT_MODE: plan.quant_mode,
+    }
+    if plan.world_size > 1:  # qlora logs --rank R finds the pod of rank R by it
+        annotations[names.ANNOTATION_RANKS_PER_POD] = str(plan.gpus_per_node)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            **meta,
-            "labels": job_labels,
-            "annotations": {
-                names.ANNOTATION_SPEC_HASH: full_hash,
-                names.ANNOTATION_VRAM_ESTIMATE: str(plan.vram_estimate_bytes),
-                names.ANNOTATION_QUANT_MODE: plan.quant_mode,
-            },
-        },
+        "metadata": {**meta, "labels": job_labels, "annotations": annotations},
         "spec": job_spec,
     }
     if target == "jobset":
@@ -219,6 +218,24 @@ def render_objects(
         return [config_map, multinode.headless_service(name, meta), job]
     return [config_map, job]
 
+
+
+def job_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``batch/v1`` Job among rendered objects.
+
+    Raises:
+        SpecError: a JobSet or TrainJob was rendered (``QLORA_MULTI_NODE_TARGET``); ``qlora
+            submit`` and the operator create and follow the Indexed Job only, the other
+            targets are for ``qlora render`` | ``kubectl apply``.
+    """
+    for obj in objects:
+        if obj["kind"] == "Job":
+            return obj
+    kinds = ", ".join(o["kind"] for o in objects if o["kind"] != "ConfigMap")
+    raise SpecError(
+        f"QLORA_MULTI_NODE_TARGET: a {kinds} is rendered for 'qlora render | kubectl apply "
+        "-f -' only; qlora submit and the operator create the Indexed Job (indexed-job)"
+    )
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
