@@ -61,8 +61,15 @@ def headless_service(
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # ranks resolve each other before any is ready
             "selector": {"batch.kubernetes.io/job-name": job_name},
+            # protocol spelt out: server-side apply keys the port list by (port, protocol)
+            # and older API servers do not default it before merging
             "ports": [
-                {"name": RENDEZVOUS_PORT_NAME, "port": MASTER_PORT, "targetPort": MASTER_PORT}
+                {
+                    "name": RENDEZVOUS_PORT_NAME,
+                    "port": MASTER_PORT,
+                    "targetPort": MASTER_PORT,
+                    "protocol": "TCP",
+                }
             ],
         },
     }
