@@ -17,6 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from runner.errors import SpecError
 from runner.k8s import jobset, names, render_objects
 from runner.launch import Layout, torchrun_command
 from runner.plan import bundled_config, make_plan
@@ -217,3 +218,18 @@ def test_the_longest_name_leaves_room_for_every_pod_hostname() -> None:
     objects = render_objects(spec, make_plan(spec, s, model_config=found.config), s, attempt=9)
     name = objects[1]["metadata"]["name"]
     assert len(jobset.pod_hostname(name, 64)) <= names.MAX_NAME_LENGTH, name
+
+
+def test_the_target_is_a_deployment_setting_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runner.settings import load_settings
+
+    monkeypatch.setenv("QLORA_MULTI_NODE_TARGET", "trainjob")
+    monkeypatch.setenv("QLORA_TRAINER_RUNTIME", "torch-nccl")
+    s = load_settings()
+    assert (s.multi_node_target, s.trainer_runtime) == ("trainjob", "torch-nccl")
+    monkeypatch.setenv("QLORA_MULTI_NODE_TARGET", "jobsets")
+    with pytest.raises(SpecError) as e:
+        load_settings()
+    assert any(line.startswith("QLORA_MULTI_NODE_TARGET: ") for line in e.value.lines())
