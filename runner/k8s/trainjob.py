@@ -22,7 +22,8 @@ the runtime's ``terminationGracePeriodSeconds`` to 300 s or more so a checkpoint
 restart policy, and a ``podFailurePolicy``; a platform running Trainer sets those once in its
 runtime. Field names follow the project's API types
 (``pkg/apis/trainer/v1alpha1/trainjob_types.go``); the tests check the rendered object against
-a schema of exactly these fields.
+a schema of exactly these fields. ``runtimePatches`` replaced ``podTemplateOverrides`` in
+kubeflow/trainer#3309 (March 2026): a Trainer released before it refuses this TrainJob.
 """
 
 from __future__ import annotations
