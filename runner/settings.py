@@ -129,6 +129,13 @@ class Settings(BaseSettings):
         description="Out-of-memory re-plan attempt of this pod (0 first); rendered Jobs set it "
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
     )
+    fault_oom_at_step: int = Field(
+        0,
+        ge=0,
+        description="Fault injection for tests (0: off): in attempt 0 only, raise PyTorch's "
+        "out-of-memory error at the end of this optimizer step, as a plan too large for the "
+        "GPU would, so the run exits 6 and the operator re-plans. Rendered Jobs inherit it.",
+    )
 
     # -- the watchdog of `qlora run` (runner.watchdog): a phase over its budget exits 13 ---
     loading_budget_s: float = Field(

@@ -541,6 +541,9 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         "QLORA_COMPILE_CACHE_DIR": _compile_dir(settings) if settings.compile_cache_claim else None,
         "CUDA_CACHE_PATH": f"{CACHE_DIR}/nv",
         "PYTHONUNBUFFERED": "1",
+        # Fault injection for tests (runner.train.faults): off unless the deployment sets it.
+        "QLORA_FAULT_OOM_AT_STEP": str(settings.fault_oom_at_step)
+        if settings.fault_oom_at_step else None,
     }
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items() if v]
     if uses_s3(spec):
