@@ -164,6 +164,7 @@ def _run(
     from runner.train.backend import cuda_available, cuda_bf16_supported, release_device_memory
     from runner.train.dataset import load_rows
     from runner.train.evaluate import held_out
+    from runner.train.faults import make_fault_callbacks
     from runner.train.formatting import format_rows, resolve_chat_template
     from runner.train.model_files import load_tokenizer, resolve_model
     from runner.train.oom import cuda_oom_as_error
@@ -322,6 +323,7 @@ def _run(
                 make_progress_callback(),
                 *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
                 *callbacks,
+                *make_fault_callbacks(settings),
                 saver,
             ],
             work / "trainer",

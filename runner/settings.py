@@ -101,6 +101,14 @@ class Settings(BaseSettings):
         "headless Service, a JobSet (jobset.x-k8s.io/v1alpha2) or a Kubeflow Trainer "
         "TrainJob (trainer.kubeflow.org/v1alpha1).",
     )
+    trainer_runtime: str = Field(
+        "torch-distributed",
+        min_length=1,
+        max_length=253,
+        description="The Kubeflow Trainer ClusterTrainingRuntime a TrainJob runs on "
+        "(multi_node_target trainjob); its terminationGracePeriodSeconds should be 300 or more "
+        "so a preempted run can write its checkpoint.",
+    )
     ddp_timeout_s: int = Field(
         900,
         ge=30,
@@ -120,6 +128,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Out-of-memory re-plan attempt of this pod (0 first); rendered Jobs set it "
         "from their qlora-runner.io/attempt label. Exported as qlora_job_attempt.",
+    )
+    fault_oom_at_step: int = Field(
+        0,
+        ge=0,
+        description="Fault injection for tests (0: off): in attempt 0 only, raise PyTorch's "
+        "out-of-memory error at the end of this optimizer step, as a plan too large for the "
+        "GPU would, so the run exits 6 and the operator re-plans. Rendered Jobs inherit it.",
     )
 
     # -- the watchdog of `qlora run` (runner.watchdog): a phase over its budget exits 13 ---

@@ -1,0 +1,38 @@
+"""Fault injection for tests of the whole path (real pods, the operator's re-plan).
+
+``QLORA_FAULT_OOM_AT_STEP=N`` (:attr:`runner.settings.Settings.fault_oom_at_step`) raises
+PyTorch's own out-of-memory error at the end of optimizer step ``N`` of attempt 0, before that
+step's checkpoint, exactly where a plan too large for the GPU fails. The run turns it into exit
+6 (:mod:`runner.train.oom`) like a real one, the operator re-plans, and the next attempt
+(``QLORA_ATTEMPT`` 1) trains on from the last committed checkpoint without the fault. Off (0)
+by default; nothing is registered then.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.errors import missing_extra
+from runner.settings import Settings
+
+
+def make_fault_callbacks(settings: Settings) -> list[Any]:
+    """The ``transformers.TrainerCallback`` objects that inject the configured faults."""
+    step = settings.fault_oom_at_step
+    if not step or settings.attempt != 0:
+        return []
+    try:
+        import torch
+        from transformers import TrainerCallback
+    except ImportError as e:
+        raise missing_extra("transformers", "train") from e
+
+    class InjectedOutOfMemory(TrainerCallback):  # type: ignore[misc]
+        """Raises ``torch.OutOfMemoryError`` when ``global_step`` reaches the setting."""
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if int(state.global_step) == step:
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory (injected by QLORA_FAULT_OOM_AT_STEP={step})")
+
+    return [InjectedOutOfMemory()]
