@@ -186,27 +186,93 @@ def _check_unique_keys(node: yaml.nodes.MappingNode) -> None:
         seen[key.value] = key
 
 
+MAX_INT_DIGITS = 100
+"""Digits of an integer scalar (Python refuses to convert more than 4300 anyway)."""
+
+
 class _Constructor(yaml.constructor.SafeConstructor):
-    """SafeConstructor; a mapping is built once per node, never re-walked for merges."""
+    """SafeConstructor building YAML 1.2 core values; a mapping is built once per node.
+
+    Explicit tags (``!!bool yes``) go through the same strict rules as plain scalars, so a
+    tag cannot smuggle a YAML 1.1 boolean or a sexagesimal number past the resolver.
+    """
+
+    def construct_yaml_bool(self, node: Any) -> bool:
+        value = str(self.construct_scalar(node))
+        if value.lower() not in ("true", "false"):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!bool {value!r} is not a boolean; write true or false",
+                node.start_mark,
+            )
+        return value.lower() == "true"
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value = str(self.construct_scalar(node))
+        if not _INT_RE.fullmatch(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!int {value[:40]!r} is not an integer", node.start_mark
+            )
+        digits = value.lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(digits)} digits (limit {MAX_INT_DIGITS})",
+                node.start_mark,
+            )
+        sign = -1 if value.startswith("-") else 1
+        if digits.startswith("0x"):
+            return sign * int(digits[2:], 16)
+        if digits.startswith("0o"):
+            return sign * int(digits[2:], 8)
+        return sign * int(digits, 10)  # YAML 1.2: a leading zero is not octal
+
+    def construct_yaml_float(self, node: Any) -> float:
+        value = str(self.construct_scalar(node))
+        low = value.lower()
+        if low in (".inf", "+.inf", "-.inf", ".nan"):
+            return float(low.replace(".", ""))
+        if not _FLOAT_RE.fullmatch(value) and not _INT_RE.fullmatch(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!float {value[:40]!r} is not a number", node.start_mark
+            )
+        if len(value) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(value)} characters (limit {MAX_INT_DIGITS})",
+                node.start_mark,
+            )
+        return float(self.construct_yaml_int(node)) if _INT_RE.fullmatch(value) else float(value)
 
 
-class _Resolver(yaml.resolver.Resolver):
-    """YAML 1.2 booleans (``true``/``false`` only) and exponent floats without a dot."""
+for _tag, _method in (
+    ("bool", _Constructor.construct_yaml_bool),
+    ("int", _Constructor.construct_yaml_int),
+    ("float", _Constructor.construct_yaml_float),
+):
+    _Constructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _method)
+for _tag in ("timestamp", "value", "yaml"):  # YAML 1.1 types: never built, even when tagged
+    _Constructor.yaml_constructors.pop(f"tag:yaml.org,2002:{_tag}", None)
 
 
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Resolver.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
-}
-_Resolver.add_implicit_resolver(
-    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+class _Resolver(yaml.resolver.BaseResolver):
+    """The YAML 1.2 core schema: null, ``true``/``false``, decimal/0x/0o ints, floats.
+
+    Everything else is a string: ``yes``, ``on``, ``y`` (YAML 1.1 booleans), ``1:20``
+    (sexagesimal), ``1_000``, ``2001-12-14`` (timestamps), ``=``. Merge keys stay.
+    """
+
+
+_INT_RE = re.compile(r"[-+]?(?:[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)")
+_FLOAT_RE = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+    r"|\.(?:nan|NaN|NAN)"
 )
-_Resolver.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+for _tag, _regexp, _first in (
+    ("null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("int", re.compile(f"^(?:{_INT_RE.pattern})$"), list("-+0123456789")),
+    ("float", re.compile(f"^(?:{_FLOAT_RE.pattern})$"), list("-+0123456789.")),
+    ("merge", re.compile(r"^(?:<<)$"), ["<"]),
+):
+    _Resolver.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _regexp, _first)
 
 
 if _FastParser is not None:
