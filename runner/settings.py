@@ -256,7 +256,9 @@ class Settings(BaseSettings):
 
 
 _INT_TEXT_RE = re.compile(r"[-+]?[0-9]{1,18}")
-_FLOAT_TEXT_RE = re.compile(r"[-+]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][-+]?[0-9]{1,3})?")
+_FLOAT_TEXT_RE = re.compile(
+    r"[-+]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][-+]?[0-9]{1,3})?"
+)
 MAX_LIST_SETTING_CHARS = 64 * 1024
 
 

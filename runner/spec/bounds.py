@@ -31,6 +31,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -44,6 +45,7 @@ import yaml.resolver
 import yaml.scanner
 
 from runner.errors import SpecError
+from runner.local_files import read_file
 
 # libyaml's parser emits the events ~10x faster; the counting composer stays Python.
 _FastParser: Any = (
@@ -247,7 +249,7 @@ for _tag, _method in (
     ("int", _Constructor.construct_yaml_int),
     ("float", _Constructor.construct_yaml_float),
 ):
-    _Constructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _method)
+    _Constructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _method)  # type: ignore[type-var]
 for _tag in ("timestamp", "value", "yaml"):  # YAML 1.1 types: never built, even when tagged
     _Constructor.yaml_constructors.pop(f"tag:yaml.org,2002:{_tag}", None)
 
@@ -341,6 +343,34 @@ def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> objec
         dispose = getattr(loader, "dispose", None)
         if dispose is not None:
             dispose()
+
+
+def decode_text(raw: bytes, source: str, what: str = "spec") -> str:
+    """File bytes as text: UTF-8 (a byte-order mark is tolerated), nothing else.
+
+    Raises:
+        SpecError: the bytes are UTF-16/32 or not valid UTF-8, naming the byte offset.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
+        raise SpecError(f"{source}: the {what} is UTF-16 or UTF-32 encoded; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{source}: not valid UTF-8 at byte {e.start}; save the {what} as UTF-8"
+        ) from None
+
+
+def load_yaml_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> object:
+    """Read and parse a YAML file other than a spec (a values file, the GPU class table) with
+    the same bounds and the same YAML 1.2 reading as a spec.
+
+    Raises:
+        SpecError: unreadable, not a regular file, too large, not UTF-8, not YAML, or a limit
+            crossed (exit code 2).
+    """
+    raw = read_file(path, max_bytes=limits.max_bytes, what=what)
+    return parse_yaml(decode_text(raw, str(path), what), str(path), limits)
 
 
 def check_document(doc: object, source: str, limits: Limits = DEFAULT_LIMITS) -> None:
