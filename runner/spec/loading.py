@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import SpecError
+from runner.local_files import access_problem
 from runner.spec.bounds import (
     DEFAULT_LIMITS,
     check_document,
@@ -91,7 +92,7 @@ def load_spec(path: str | os.PathLike[str], *, hint: str | None = None) -> JobSp
     except IsADirectoryError as e:
         raise SpecError(f"{p}: is a directory; pass the spec file itself") from e
     except OSError as e:
-        raise SpecError(f"{p}: cannot read the spec: {e.strerror or e}") from e
+        raise SpecError(f"{p}: cannot read the spec: {access_problem(e)}") from e
     check_size(len(raw), str(p))
     return load_spec_text(decode_spec_bytes(raw, str(p)), source=str(p))
 
