@@ -230,3 +230,12 @@ def test_a_model_file_that_is_not_a_file_is_named(
     rc, err, took = cli([command, str(spec)])
     assert_user_error(rc, err, f"{model / 'config.json'}: ")
     assert took < 1.0
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "1.5", "many"])
+def test_eval_max_rows_must_be_positive(value: str) -> None:
+    # A negative count used to slice rows off the end silently: rows[:-3].
+    with pytest.raises(SystemExit) as caught, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["eval", "file:///nowhere", "--data", "x.jsonl", "--max-rows", value])
+    assert caught.value.code == 2
+    assert "--max-rows: must be a whole number of 1 or more" in err.getvalue()
