@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ BASE = yaml.safe_load(BASE_TEXT)
 BUDGET_S = 1.0
 """CPU seconds one hostile document may cost in-process (CPU time, not wall time: the CI box is
 shared, and what is bounded is the work the document causes)."""
+PEAK_BYTES = 32 * 1024 * 1024
+"""Python memory one hostile document may cost while it is rejected, beyond 8 bytes per
+character of its own text (the str and its parse)."""
 HOSTILE = settings(
     max_examples=25,
     deadline=None,  # timed by the test itself, with its own budget
@@ -130,6 +134,16 @@ def assert_rejected_fast(text: str) -> SpecError:
     took = time.process_time() - started
     assert took < BUDGET_S, f"took {took:.2f} s"
     assert caught.value.exit_code == 2
+    # Again, under tracemalloc (slower, so not timed): what the rejection allocates is bounded
+    # by the limits, not by what the document would expand to.
+    tracemalloc.start()
+    try:
+        with pytest.raises(SpecError):
+            load_spec_text(text, source="hostile.yaml")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_BYTES + 8 * len(text), f"peak {peak / 2**20:.1f} MiB"
     for line in caught.value.lines():
         assert "\n" not in line and len(line) < 2000, line[:200]
     return caught.value

@@ -123,7 +123,9 @@ def load_gpu_classes(settings: Settings | None = None) -> GpuClassTable:
     """
     path = settings.gpu_classes_file if settings else None
     if path:  # bounded and read as YAML 1.2, like a spec
-        data = load_yaml_file(Path(path), what="GPU class table (QLORA_GPU_CLASSES_FILE)")
+        data = load_yaml_file(
+            Path(path), what="GPU class table", label=f"{path} (QLORA_GPU_CLASSES_FILE)"
+        )
         return parse_gpu_classes(data, path)
     text = resources.files("runner").joinpath("data/gpu_classes.yaml").read_text("utf-8")
     origin = "bundled gpu_classes.yaml"

@@ -361,7 +361,9 @@ def decode_text(raw: bytes, source: str, what: str = "spec") -> str:
         ) from None
 
 
-def load_yaml_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) -> object:
+def load_yaml_file(
+    path: Path, *, what: str, label: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> object:
     """Read and parse a YAML file other than a spec (a values file, the GPU class table) with
     the same bounds and the same YAML 1.2 reading as a spec.
 
@@ -369,8 +371,9 @@ def load_yaml_file(path: Path, *, what: str, limits: Limits = DEFAULT_LIMITS) ->
         SpecError: unreadable, not a regular file, too large, not UTF-8, not YAML, or a limit
             crossed (exit code 2).
     """
-    raw = read_file(path, max_bytes=limits.max_bytes, what=what)
-    return parse_yaml(decode_text(raw, str(path), what), str(path), limits)
+    where = label or str(path)
+    raw = read_file(path, where, max_bytes=limits.max_bytes, what=what)
+    return parse_yaml(decode_text(raw, where, what), where, limits)
 
 
 def check_document(doc: object, source: str, limits: Limits = DEFAULT_LIMITS) -> None:
