@@ -414,10 +414,10 @@ class ResourcesSpec(_Section):
         description="Nodes (pods) the job spans; more than 1 renders an Indexed Job with a "
         "headless Service; 'auto' lets the planner add nodes for a deadline_hours goal.",
     )
-    deadline_hours: Real | None = Field(
+    deadline_hours: (
+        Annotated[float, Field(gt=0, le=24 * 90), BeforeValidator(_real)] | None
+    ) = Field(
         None,
-        gt=0,
-        le=24 * 90,
         description="Wall-time goal: with gpus_per_node or nodes 'auto' the planner picks the "
         "fewest GPUs whose runtime estimate meets it (the dataset must be local or "
         "training.max_steps set).",
