@@ -181,9 +181,10 @@ def _run(
     # 1. loading
     rank = distributed.current()
     phase.enter(Phase.LOADING, spec=spec_path, rank=rank.rank, world_size=rank.world_size)
-    from runner.train.speedups import apply_compile_cache_env
+    from runner.train.speedups import apply_allocator_env, apply_compile_cache_env
 
     apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
+    apply_allocator_env()  # expandable segments, before CUDA's first allocation
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     if job.spec.model.trust_remote_code:
         log.warning(
