@@ -81,6 +81,28 @@ def _drop_file_capabilities() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+def file_modes_bind_children() -> bool:
+    """Whether a child started with ``modes_apply=True`` is refused a ``chmod 000`` file (as
+    root that needs CAP_SETPCAP to drop the DAC capabilities; some containers lack it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        locked = Path(tmp) / "locked"
+        locked.write_text("x")
+        locked.chmod(0)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", f"open({str(locked)!r}).read()"],
+                preexec_fn=_preexec(True),
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode != 0
+
+
 def _preexec(modes_apply: bool) -> Any:
     return _drop_file_capabilities if modes_apply and os.geteuid() == 0 else None
 
