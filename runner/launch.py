@@ -82,11 +82,15 @@ def layout_for(spec_path: str) -> Layout:
     """
     path = Path(spec_path)
     plan = path.parent / "plan.json"
-    if plan.is_file():
+    try:
+        found = plan.is_file()
+    except OSError:  # the run itself reports a directory it may not read
+        return Layout()
+    if found:
         try:
             d = json.loads(plan.read_text(encoding="utf-8"))
             return Layout(int(d.get("gpus_per_node", 1)), int(d.get("nodes", 1)))
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             return Layout()  # the run reports a broken plan.json with its own message
     try:
         from runner.spec import load_spec

@@ -620,11 +620,14 @@ def _cache_dir(settings: Settings) -> Path | None:
 
 
 def _read_plan(path: Path) -> Plan | None:
-    if not path.is_file():
+    from runner.local_files import is_file, read_file
+
+    if not is_file(path):
         return None
+    raw = read_file(path, max_bytes=1024 * 1024, what="plan.json")
     try:
-        plan = Plan.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        plan = Plan.from_json(raw.decode("utf-8"))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise PlanError(f"{path}: not a valid plan: {e}") from e
     log.info("using %s (class %s)", path, plan.gpu_class.name)
     return plan
