@@ -1,51 +1,64 @@
-"""Plot tokens/s (median step) and peak reserved memory per runner from speed/run5-data.
+"""Plot tokens/s and peak reserved memory per runner of a realistic-data run (no dependencies).
 
-Usage: ``python3 bench/plot_speed_data.py`` (needs matplotlib) -> ``speed/run5-data/speed.png``.
+Usage: ``python3 bench/plot_speed_data.py [RUN]`` (default ``run7-data``) writes
+``speed/RUN/speed.svg`` from ``results-printed.jsonl`` (run7) or ``results.jsonl``: steady
+tokens/s (the run's own window, steps ``warm``..last) and peak reserved GiB per runner.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUN = HERE / "speed" / "run5-data"
 
 
-def rows() -> list[dict]:
+def rows(run: Path) -> list[dict]:
+    src = run / "results-printed.jsonl"
+    if not src.is_file():
+        src = run / "results.jsonl"
     out = []
-    for line in (RUN / "results.jsonl").read_text().splitlines():
+    for line in src.read_text().splitlines():
         r = json.loads(line)
-        if "runner" not in r or not r.get("step_times_s"):
+        if "runner" not in r or not r.get("steady_tokens_per_s"):
             continue
-        med = statistics.median(r["step_times_s"])
-        tps = r["train_tokens"] / r["steps"] / med
         peak = r.get("qlora_gpu_memory_peak_reserved_bytes") or r.get("max_memory_reserved_bytes")
-        out.append({"runner": r["runner"], "tokens_per_s": tps, "peak_gib": peak / 1024**3})
+        label = r["runner"] + (f" ({r['cache']} cache)" if r.get("cache") else "")
+        out.append({"runner": label, "tokens_per_s": r["steady_tokens_per_s"],
+                    "peak_gib": peak / 1024**3, "shape": r["shape"]})
     return out
 
 
-def main() -> None:
-    import matplotlib
+def bars(data: list[dict], key: str, title: str, unit: str, x0: int) -> list[str]:
+    top = max(d[key] for d in data) * 1.15
+    h, w, y0 = 260, 420, 40
+    out = [f'<text x="{x0 + w / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>']
+    bw = w / len(data)
+    for i, d in enumerate(data):
+        bh = h * d[key] / top
+        x = x0 + i * bw + 6
+        color = "#2a7" if d["runner"].startswith("qlora") else "#888"
+        out.append(f'<rect x="{x:.0f}" y="{y0 + h - bh:.0f}" width="{bw - 12:.0f}" '
+                   f'height="{bh:.0f}" fill="{color}"/>')
+        out.append(f'<text x="{x + (bw - 12) / 2:.0f}" y="{y0 + h - bh - 4:.0f}" '
+                   f'text-anchor="middle" font-size="11">{d[key]:,.0f}{unit}</text>')
+        out.append(f'<text x="{x + (bw - 12) / 2:.0f}" y="{y0 + h + 14}" text-anchor="end" '
+                   f'font-size="10" transform="rotate(-30 {x + (bw - 12) / 2:.0f} '
+                   f'{y0 + h + 14})">{d["runner"]}</text>')
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    data = rows()
-    names = [d["runner"] for d in data]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    a.bar(names, [d["tokens_per_s"] for d in data], color=["#888", "#2a7", "#c64"])
-    a.set_ylabel("tokens/s (median step)")
-    a.set_title("Llama-3.1-8B shape, realistic rows, H200")
-    b.bar(names, [d["peak_gib"] for d in data], color=["#888", "#2a7", "#c64"])
-    b.set_ylabel("peak reserved GiB")
-    b.set_title("24GB-class plan uses its room")
-    for ax in (a, b):
-        ax.tick_params(axis="x", rotation=15)
-    fig.tight_layout()
-    fig.savefig(RUN / "speed.png", dpi=110)
+def main(argv: list[str]) -> None:
+    run = HERE / "speed" / (argv[0] if argv else "run7-data")
+    data = rows(run)
+    parts = bars(data, "tokens_per_s", "steady tokens/s (H200, realistic rows)", "", 10)
+    parts += bars(data, "peak_gib", "peak reserved (GiB)", "", 470)
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="420" '
+           'font-family="sans-serif"><rect width="900" height="420" fill="white"/>'
+           + "".join(parts) + "</svg>\n")
+    (run / "speed.svg").write_text(svg)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

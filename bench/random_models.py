@@ -80,8 +80,48 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.3-70b": _llama3(8192, 28672, 80, 64, False, 8.0),
     "llama-3.3-70b-2l": _llama3(8192, 28672, 2, 64, False, 8.0),
     "llama-3.3-70b-4l": _llama3(8192, 28672, 4, 64, False, 8.0),
+    # Published config.json sizes of one Qwen and one Gemma model (the rest: transformers'
+    # defaults for the model type, as in the published configs).
+    "qwen3-1.7b": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
+    "gemma-3-1b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 32768,
+        "sliding_window": 512,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
     # Tiny shapes for checking the scripts' logic on a CPU.
     "tiny": _llama3(64, 128, 2, 4, False, 8.0, kv=2) | {"vocab_size": 512},
+}
+SHAPES["tiny-qwen3"] = SHAPES["qwen3-1.7b"] | {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512,
+}
+SHAPES["tiny-gemma3"] = SHAPES["gemma-3-1b"] | {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 512, "sliding_window": 16,
 }
 
 
@@ -113,16 +153,21 @@ def build(shape: str, directory: Path, device: str = "cuda") -> dict[str, Any]:
         The config dict that was used.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     config = dict(SHAPES[shape])
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "config.json").exists() and any(directory.glob("*.safetensors")):
         return config
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"})
+    fields = {k: v for k, v in config.items() if k not in ("torch_dtype", "model_type")}
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if config["model_type"] == "llama":
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**fields)).to(torch.bfloat16)
+    else:  # Qwen / Gemma: the model type's own config class and defaults
+        cfg = AutoConfig.for_model(config["model_type"], **fields)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     model.save_pretrained(str(directory), max_shard_size="4GB")
     del model
     save_tokenizer(directory)

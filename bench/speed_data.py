@@ -132,6 +132,51 @@ def itertools_accumulate(xs: list[int]) -> list[int]:
     return out
 
 
+def _shape(runner: str, tiny: bool) -> str:
+    if tiny:
+        return "tiny"
+    return "llama-3.2-1b" if "1b" in runner.split("-") else "llama-3.1-8b"
+
+
+def pack_logs(logs: Path, out: Path) -> None:
+    """All run logs as one ``logs.tgz`` in ``out`` (the device tool returns few files)."""
+    import tarfile
+
+    tmp = out / "logs.tgz.part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    tmp.replace(out / "logs.tgz")
+
+
+def start_grid(
+    grid: str, models: Path, out: Path, tiny: bool, logs: Path
+) -> list[tuple[str, Any, Any]]:
+    """Fixed-length VRAM points (``SHAPE:SEQxMB,SEQxMB;SHAPE:...``): one ``vram_grid.py
+    worker`` per shape, all at once (each process reads its own allocator peaks), started
+    before the timed runs. Returns ``(shape, process, log file)``."""
+    from vram_grid import OFFLINE_ENV
+
+    specs = [g.split(":", 1) for g in grid.split(";") if g.strip()]
+    shapes = [s for s, _ in specs]
+    subprocess.run(
+        [sys.executable, str(HERE / "random_models.py"), str(models), *shapes],
+        check=True,
+        env=os.environ | OFFLINE_ENV,
+    )
+    procs = []
+    for shape, points in specs:
+        log = (logs / f"grid-{shape}.log").open("w")
+        cmd = [
+            sys.executable, str(HERE / "vram_grid.py"), "worker", "--shape", shape,
+            "--backend", "unsloth" if not tiny else "hf", "--model-dir", str(models / shape),
+            "--points", points, "--results", str(out / "vram-results.jsonl"), "--steps", "3",
+            "--concurrent",
+        ]
+        procs.append((shape, subprocess.Popen(cmd, env=os.environ | OFFLINE_ENV, stdout=log,
+                                              stderr=subprocess.STDOUT), log))
+    return procs
+
+
 def main(argv: list[str]) -> int:
     import speed
     from vram_grid import OFFLINE_ENV, environment
@@ -146,6 +191,10 @@ def main(argv: list[str]) -> int:
     p.add_argument(
         "--runners", default="unsloth-2x8,qlora-24gb,hf-2x8,qlora-today,qlora-80gb,qlora-1b"
     )
+    p.add_argument("--grid", default="", help="SHAPE:SEQxMB,...;SHAPE:... fixed-length points")
+    p.add_argument("--grid-wait-s", type=float, default=150)
+    p.add_argument("--no-varlen-check", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="check this script on a CPU: tiny shapes")
     ns = p.parse_args(argv)
     out, models = Path(ns.out), Path(ns.models)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,14 +221,37 @@ def main(argv: list[str]) -> int:
         if rec.get("log_tail"):
             print(rec["log_tail"][-2000:], flush=True)
 
-    try:
-        record({"check": "varlen", **varlen_check()})
-    except Exception as e:  # the runs still go on; the record says what broke
-        record({"check": "varlen", "error": repr(e)})
+    if not ns.no_varlen_check:
+        try:
+            record({"check": "varlen", **varlen_check()})
+        except Exception as e:  # the runs still go on; the record says what broke
+            record({"check": "varlen", "error": repr(e)})
+
+    runners = ns.runners.split(",")
+    # Build the timed runs' models while the grid's models are built and measured.
+    build = subprocess.Popen(
+        [sys.executable, str(HERE / "random_models.py"), str(models),
+         *sorted({_shape(r, ns.tiny) for r in runners})],
+        env=os.environ | OFFLINE_ENV,
+    )
+    logs = Path(tempfile.mkdtemp(prefix="speed-logs-"))
+    grid = start_grid(ns.grid, models, out, ns.tiny, logs) if ns.grid else []
+    if build.wait() != 0:
+        raise SystemExit(f"random_models.py exited {build.returncode}")
+    for shape, proc, log in grid:
+        try:
+            proc.wait(timeout=max(1.0, t_start + ns.grid_wait_s - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        record({"grid": shape, "exit_code": proc.returncode, "at_s": time.time() - t_start})
+    pack_logs(logs, out)
 
     work = Path(tempfile.mkdtemp(prefix="speed-data-"))
     data = work / "realistic.jsonl"
     write_realistic(data, ns.rows, 2048)
+    cache = work / "compile-cache"  # QLORA_COMPILE_CACHE_DIR of every qlora run: cold first
     ns_q = argparse.Namespace(
         seq=2048,
         dtype="bfloat16",
@@ -188,16 +260,13 @@ def main(argv: list[str]) -> int:
         warm=ns.warm,
         scrape_interval=1.0,
     )
-    for runner in ns.runners.split(","):
-        if time.time() > deadline - 40:
-            record({"runner": runner, "skipped": "budget"})
+    for runner in runners:
+        # Skip a runner that would not end before the deadline (durations seen on an H200).
+        expected = 60 if "1b" in runner.split("-") else 95
+        if time.time() + expected > deadline:
+            record({"runner": runner, "skipped": "budget", "at_s": time.time() - t_start})
             continue
-        shape = "llama-3.2-1b" if runner.endswith("1b") else "llama-3.1-8b"
-        subprocess.run(
-            [sys.executable, str(HERE / "random_models.py"), str(models), shape],
-            check=True,
-            env=os.environ | OFFLINE_ENV,
-        )
+        shape = _shape(runner, ns.tiny)
         mdir = models / shape
         cfg = json.loads((mdir / "config.json").read_text())
         n_params = speed.param_count(cfg)
@@ -214,7 +283,8 @@ def main(argv: list[str]) -> int:
         if runner.startswith(("unsloth", "hf")):
             backend = runner.split("-")[0]
             res = work / f"{runner}.json"
-            ns_b = argparse.Namespace(seq=2048, mb=2, accum=8)
+            mb, accum = (16, 1) if runner.endswith("16x1") else (2, 8)
+            ns_b = argparse.Namespace(seq=2048, mb=mb, accum=accum)
             cmd = speed.bare_cmd(ns_b, backend, mdir, data, ns.steps, ns.warm, res)
             proc = subprocess.run(
                 cmd,
@@ -224,26 +294,25 @@ def main(argv: list[str]) -> int:
                 text=True,
                 timeout=max(60, deadline - time.time()),
             )
-            rec |= {"exit_code": proc.returncode, "micro_batch": 2, "accumulation": 8}
+            rec |= {"exit_code": proc.returncode, "micro_batch": mb, "accumulation": accum}
             if res.exists():
                 rec |= json.loads(res.read_text())
             else:
                 rec["log_tail"] = (proc.stdout + proc.stderr)[-4000:]
         else:
-            gpu_class = "80GB" if runner == "qlora-80gb" else "24GB"
+            today = runner.startswith("qlora-today")
+            gpu_class = "80GB" if "80gb" in runner.split("-") else "24GB"
             probe = work / f"probe-{runner}"
             probe.mkdir(parents=True, exist_ok=True)
             text = speed.spec_text(
                 "probe", mdir, data, work / "store-probe", ns_q, "auto", "auto", ns.steps,
                 gpu_class,
             )
-            ns_q.drop_gc = runner != "qlora-today"  # checkpointing left to the planner
+            ns_q.drop_gc = not today  # checkpointing left to the planner
             if ns_q.drop_gc:
                 text = text.replace("    gradient_checkpointing: true\n", "")
             (probe / "job.yaml").write_text(text)
-            plan = plan_for(
-                probe / "job.yaml", cfg, gpu_class, None if runner == "qlora-today" else data
-            )
+            plan = plan_for(probe / "job.yaml", cfg, gpu_class, None if today else data)
             rec |= {
                 "plan_micro_batch": plan["micro_batch_size"],
                 "plan_accumulation": plan["gradient_accumulation_steps"],
@@ -253,9 +322,12 @@ def main(argv: list[str]) -> int:
                 "plan_vram_estimate_bytes": plan["vram_estimate_bytes"],
                 "gpu_class": gpu_class,
             }
-            extra_env = {"QLORA_TORCH_PROFILE": str(out / f"profile-{runner}.txt")}
-            if runner == "qlora-today":
-                extra_env = {"QLORA_VARLEN_ATTENTION": "0"}
+            extra_env = {"QLORA_COMPILE_CACHE_DIR": str(cache)}
+            if runner in ("qlora-1b", "qlora-24gb"):
+                extra_env["QLORA_TORCH_PROFILE"] = str(out / f"profile-{runner}.txt")
+            if today:  # before issue 13: no varlen patch, default allocator
+                extra_env |= {"QLORA_VARLEN_ATTENTION": "0", "QLORA_EXPANDABLE_SEGMENTS": "0"}
+            rec["cache"] = "warm" if cache.exists() else "cold"
             os.environ.update(extra_env)
             try:
                 rec |= speed.run_qlora(
@@ -264,12 +336,36 @@ def main(argv: list[str]) -> int:
             finally:
                 for k in extra_env:
                     os.environ.pop(k, None)
-            rec["replan"] = replan_line(work / f"sd-{runner}.log")
-        rec["wall_s"] = time.time() - t0
-        for key in ("tokens_per_s", "steady_tokens_per_s"):
+            log_path = work / f"sd-{runner}.log"
+            if log_path.exists():
+                (logs / f"log-{runner}.txt").write_text(log_path.read_text(errors="replace"))
+            rec["replan"] = replan_line(log_path)
+            marks = speed.log_marks(log_path)
+            if 1 in marks:
+                rec["first_step_end_s"] = marks[1][0] - t0  # launch to the end of step 1
+            times = rec.get("step_times_s") or []
+            if times:
+                med = sorted(times)[len(times) // 2]
+                tok = (rec.get("train_tokens") or 0) / max(1, rec.get("steps") or ns.steps)
+                rec["median_step_s"] = med
+                rec["median_step_tokens_per_s"] = tok / med if med else None
+            rp = rec.get("replan") or {}
+            res_b = rec.get("qlora_gpu_memory_peak_reserved_bytes")
+            if rp.get("vram_estimate_bytes") and res_b:
+                from runner.plan.estimator import DEFAULT_CALIBRATION
+
+                est = rp["vram_estimate_bytes"] - DEFAULT_CALIBRATION.cuda_context_bytes
+                rec["estimate_vs_reserved"] = est / res_b - 1
+                alloc = rec.get("qlora_gpu_memory_peak_allocated_bytes")
+                if alloc:
+                    rec["estimate_vs_allocated"] = est / alloc - 1
+        rec["process_s"] = time.time() - t0
+        rec["wall_s"] = rec["process_s"]
+        for key in ("tokens_per_s", "steady_tokens_per_s", "median_step_tokens_per_s"):
             if rec.get(key) and tflops:
                 rec[key.replace("tokens_per_s", "mfu")] = 4 * n_params * rec[key] / (tflops * 1e12)
         record(rec)
+        pack_logs(logs, out)
     print(f"total {time.time() - t_start:.0f}s", flush=True)
     return 0
 

@@ -291,7 +291,9 @@ class CheckpointStore:
 
 LAYOUT_FIELDS: dict[str, tuple[str, ...]] = {
     "training": ("micro_batch_size", "gradient_accumulation_steps"),
-    "resources": ("gpu_class", "priority"),
+    # Where it runs and on how many ranks: a checkpoint of two ranks resumes on one (the
+    # effective batch, micro x accumulation x world size, is part of the identity instead).
+    "resources": ("gpu_class", "priority", "gpus_per_node", "nodes", "deadline_hours"),
     "metrics": ("enabled", "port", "pushgateway_url"),
 }
 """Spec fields left out of :func:`training_hash`: where and in which slices the same
@@ -302,7 +304,8 @@ def training_hash(job: JobSpec) -> str:
     """The spec's sha256 without :data:`LAYOUT_FIELDS` (64 hex digits).
 
     Two specs with the same training hash train the same model on the same data with the same
-    schedule; they may differ in micro batch, accumulation, GPU class and metrics settings.
+    schedule; they may differ in micro batch, accumulation, GPU class, GPUs and nodes (the
+    world size), deadline and metrics settings.
     """
     body = job.spec.model_dump(mode="json")
     for section, fields in LAYOUT_FIELDS.items():

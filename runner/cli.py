@@ -31,6 +31,7 @@ EPILOG = """exit codes:
   4 verification failed | 5 storage unreachable or denied | 6 CUDA out of memory
   7 preempted (checkpoint written) | 8 Kubernetes API error | 9 submitted job failed
   10 missing optional dependency | 11 deadline exceeded (SIGTERM at the Job's deadline)
+  12 stopped by a signal outside Kubernetes | 13 stuck (a phase over its time budget)
   130 interrupted
 """
 

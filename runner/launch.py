@@ -7,7 +7,8 @@ process was not started by torchrun, ``qlora run`` starts
 * one node: ``--standalone --nproc-per-node N`` (a local c10d rendezvous on a free port);
 * several nodes (an Indexed Job's pods): a static rendezvous, ``--nnodes M --node-rank I``
   with ``I`` from ``JOB_COMPLETION_INDEX`` and the master at ``QLORA_MASTER_ADDR`` /
-  ``QLORA_MASTER_PORT`` (index 0's stable hostname in the rendered Job).
+  ``QLORA_MASTER_PORT`` (index 0's stable hostname in the rendered Job or JobSet); in a
+  Kubeflow Trainer pod from ``PET_NODE_RANK`` / ``PET_MASTER_ADDR`` / ``PET_MASTER_PORT``.
 
 The parent stays the pod's main process. torchrun's own SIGTERM handling would kill the
 workers 30 s later, too soon for a checkpoint, so the parent forwards SIGTERM straight to
@@ -42,6 +43,23 @@ MASTER_PORT_ENV = "QLORA_MASTER_PORT"
 NODE_RANK_ENV = "JOB_COMPLETION_INDEX"
 """Set by Kubernetes on every pod of an Indexed Job (and by JobSet / Trainer pods)."""
 DEFAULT_MASTER_PORT = 29500
+TRAINER_ENV = {
+    NODE_RANK_ENV: "PET_NODE_RANK",
+    MASTER_ADDR_ENV: "PET_MASTER_ADDR",
+    MASTER_PORT_ENV: "PET_MASTER_PORT",
+}
+"""What a Kubeflow Trainer torch runtime sets instead (torchrun's own ``PET_*`` defaults)."""
+
+
+def rendezvous_env(env: dict[str, str]) -> dict[str, str]:
+    """The node rank, master address and port: ours (Indexed Job, JobSet), else a Kubeflow
+    Trainer pod's ``PET_*`` equivalents."""
+    out = {}
+    for ours, trainer in TRAINER_ENV.items():
+        value = env.get(ours) or env.get(trainer)
+        if value:
+            out[ours] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,15 @@ def layout_for(spec_path: str) -> Layout:
     """
     path = Path(spec_path)
     plan = path.parent / "plan.json"
-    if plan.is_file():
+    try:
+        found = plan.is_file()
+    except OSError:  # the run itself reports a directory it may not read
+        return Layout()
+    if found:
         try:
             d = json.loads(plan.read_text(encoding="utf-8"))
             return Layout(int(d.get("gpus_per_node", 1)), int(d.get("nodes", 1)))
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             return Layout()  # the run reports a broken plan.json with its own message
     try:
         from runner.spec import load_spec
@@ -92,6 +114,7 @@ def torchrun_command(layout: Layout, spec_path: str, env: dict[str, str]) -> lis
     if layout.nodes == 1:
         cmd += ["--standalone"]
     else:
+        env = rendezvous_env(env)
         missing = [k for k in (NODE_RANK_ENV, MASTER_ADDR_ENV) if not env.get(k)]
         if missing:
             raise SpecError(

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR = "runs"
 LATEST_NAME = "latest.json"
+MAX_POINTER_BYTES = 64 * 1024
+"""latest.json names one run; anything this large is not one."""
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -220,12 +222,15 @@ def verify_in_store(store: ObjectStore, key: str) -> VerifyReport:
 def _follow_latest(store: ObjectStore, root: str) -> VerifyReport:
     latest_key = join_key(root, LATEST_NAME)
     uri = store.uri(latest_key)
+    info = store.head(latest_key)
+    if info is not None and info.size > MAX_POINTER_BYTES:
+        raise VerificationError(f"{uri}: invalid pointer: {info.size} bytes (a pointer is tiny)")
     try:
         latest = json.loads(store.read(latest_key))
         run_id = str(latest["run_id"])
         manifest_key = join_key(root, str(latest["manifest"]))
         pinned = str(latest["manifest_sha256"])
-    except (ValueError, KeyError, TypeError, UnsafeKeyError) as e:
+    except (ValueError, KeyError, TypeError, UnsafeKeyError, RecursionError) as e:
         raise VerificationError(f"{uri}: invalid pointer: {e}") from e
     if not manifest_key.endswith(f"/{MANIFEST_NAME}"):
         raise VerificationError(f"{uri}: 'manifest' does not name a {MANIFEST_NAME}")

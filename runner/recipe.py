@@ -182,9 +182,10 @@ def _run(
     # 1. loading
     rank = distributed.current()
     phase.enter(Phase.LOADING, spec=spec_path, rank=rank.rank, world_size=rank.world_size)
-    from runner.train.speedups import apply_compile_cache_env
+    from runner.train.speedups import apply_allocator_env, apply_compile_cache_env
 
     apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
+    apply_allocator_env()  # expandable segments, before CUDA's first allocation
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     if job.spec.model.trust_remote_code:
         log.warning(
@@ -619,11 +620,14 @@ def _cache_dir(settings: Settings) -> Path | None:
 
 
 def _read_plan(path: Path) -> Plan | None:
-    if not path.is_file():
+    from runner.local_files import is_file, read_file
+
+    if not is_file(path):
         return None
+    raw = read_file(path, max_bytes=1024 * 1024, what="plan.json")
     try:
-        plan = Plan.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError, KeyError) as e:
+        plan = Plan.from_json(raw.decode("utf-8"))
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
         raise PlanError(f"{path}: not a valid plan: {e}") from e
     log.info("using %s (class %s)", path, plan.gpu_class.name)
     return plan

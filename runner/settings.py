@@ -12,17 +12,25 @@ where a wrong value would enable something or widen what is reachable:
 * a boolean setting accepts exactly ``true`` or ``false`` (``1``, ``yes``, ``on`` are errors);
 * URL settings (``QLORA_S3_ENDPOINT_URL``, ``QLORA_PUSHGATEWAY_URL``) must be
   ``http://`` or ``https://`` URLs without credentials in them;
-* numbers are read from their decimal text and checked against their bounds; choices
-  (``QLORA_S3_ADDRESSING_STYLE``) are exact.
+* a whole number is decimal digits with an optional sign (not ``1.0``, ``1_0``, ``0x10`` or
+  `` 1``); a real number is decimal text and finite (``inf``, ``1e999`` and ``nan`` are errors,
+  so no time budget of the watchdog can be switched off); both are checked against their bounds;
+* list settings (``QLORA_IMAGE_PULL_SECRETS``, ``QLORA_OPERATOR_NAMESPACES``) are a JSON list of
+  strings of at most 64 KiB; anything else is an error, never an exit 1;
+* choices (``QLORA_S3_ADDRESSING_STYLE``, ``QLORA_MULTI_NODE_TARGET``) are exact.
+
+Every invalid value is exit code 2 with one ``QLORA_NAME: message`` line (:func:`load_settings`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from runner.errors import SpecError
 
@@ -30,13 +38,15 @@ from runner.errors import SpecError
 class Settings(BaseSettings):
     """Settings read from ``QLORA_*`` environment variables."""
 
-    model_config = SettingsConfigDict(env_prefix="QLORA_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="QLORA_", extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     namespace: str = Field("qlora", description="Namespace for rendered and submitted jobs.")
     image: str = Field(
         "qlora-runner:0.1.0", description="Runner image (repository:tag, no registry host)."
     )
-    image_pull_secrets: list[str] = Field(
+    image_pull_secrets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Secrets for pulling the runner image in training pods; in the "
         "environment a JSON list, e.g. QLORA_IMAGE_PULL_SECRETS='[\"registry-pull\"]'.",
@@ -100,6 +110,14 @@ class Settings(BaseSettings):
         description="What a job over several nodes renders as: a batch/v1 Indexed Job with a "
         "headless Service, a JobSet (jobset.x-k8s.io/v1alpha2) or a Kubeflow Trainer "
         "TrainJob (trainer.kubeflow.org/v1alpha1).",
+    )
+    trainer_runtime: str = Field(
+        "torch-distributed",
+        min_length=1,
+        max_length=253,
+        description="The Kubeflow Trainer ClusterTrainingRuntime a TrainJob runs on "
+        "(multi_node_target trainjob); its terminationGracePeriodSeconds should be 300 or more "
+        "so a preempted run can write its checkpoint.",
     )
     ddp_timeout_s: int = Field(
         900,
@@ -172,7 +190,7 @@ class Settings(BaseSettings):
         None, description="File the operator writes its endpoint's 'host:port' to once bound "
         "(the chart's exec probes read it under hostNetwork, where the port differs per pod).",
     )
-    operator_namespaces: list[str] = Field(
+    operator_namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Namespaces a namespace-scoped operator watches (a Role in each); empty: "
         "only QLORA_NAMESPACE. In the environment a JSON list, e.g. '[\"team-a\",\"team-b\"]'.",
@@ -222,14 +240,28 @@ class Settings(BaseSettings):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _strict_bool(cls, value: object, info: ValidationInfo) -> object:
-        # pydantic's lax bool reads "1", "yes", "on", "t" as true: no surprise may enable
-        # something here, so a boolean setting is exactly "true" or "false".
+    def _strict_text(cls, value: object, info: ValidationInfo) -> object:
+        # pydantic's lax parsing reads "1", "yes", "on", "t" as true, "1.0" and "1_0" as ints
+        # and "inf" as a float: no surprise may enable something or switch a limit off here.
         field = cls.model_fields.get(info.field_name or "")
-        if field is not None and field.annotation is bool and isinstance(value, str):
+        if field is None or not isinstance(value, str):
+            return value
+        kind = field.annotation
+        if kind is bool:
             if value not in ("true", "false"):
-                raise ValueError(f"must be 'true' or 'false' (got {value!r})")
+                raise ValueError(f"must be 'true' or 'false' (got {value[:40]!r})")
             return value == "true"
+        if kind is int:
+            if not _INT_TEXT_RE.fullmatch(value):
+                raise ValueError(f"must be a whole number in decimal digits (got {value[:40]!r})")
+            return int(value)
+        if kind is float:
+            number = float(value) if _FLOAT_TEXT_RE.fullmatch(value) else math.nan
+            if not math.isfinite(number):
+                raise ValueError(f"must be a finite decimal number (got {value[:40]!r})")
+            return number
+        if kind == list[str]:  # NoDecode: parsed here, so a bad value is a message, not exit 1
+            return _json_list(value)
         return value
 
     @field_validator("s3_endpoint_url", "pushgateway_url")
@@ -245,6 +277,30 @@ class Settings(BaseSettings):
                 "or password in it); credentials come from the AWS environment or a Secret"
             )
         return value
+
+
+_INT_TEXT_RE = re.compile(r"[-+]?[0-9]{1,18}")
+_FLOAT_TEXT_RE = re.compile(
+    r"[-+]?(?:[0-9]{1,18}(?:\.[0-9]{0,18})?|\.[0-9]{1,18})(?:[eE][-+]?[0-9]{1,3})?"
+)
+MAX_LIST_SETTING_CHARS = 64 * 1024
+
+
+def _json_list(text: str) -> list[str]:
+    """A list setting: a JSON list of strings (an empty value is the empty list)."""
+    if not text.strip():
+        return []
+    if len(text) > MAX_LIST_SETTING_CHARS:
+        raise ValueError(f"{len(text)} characters; the limit is {MAX_LIST_SETTING_CHARS}")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, list) or not all(isinstance(x, str) for x in doc):
+        raise ValueError(
+            f'must be a JSON list of strings, e.g. \'["a", "b"]\' (got {text[:40]!r})'
+        )
+    return doc
 
 
 _HTTP_URL_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/@:\[\]]+)(:[0-9]{1,5})?(/[^\s@]*)?")

@@ -7,6 +7,8 @@ A child that outlives its limit is killed with its whole process group.
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -70,8 +72,48 @@ def tiny_job(
     return path
 
 
-def run_qlora(spec: Path, work: Path, *, limit_s: float = 300.0) -> ChildResult:
-    """Run ``python -m runner run --spec SPEC`` to the end (killed after ``limit_s``)."""
+def _drop_file_capabilities() -> None:
+    """In the child, before exec: root loses CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so
+    file modes apply to it as to any user (a ``chmod 000`` file is unreadable)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def file_modes_bind_children() -> bool:
+    """Whether a child started with ``modes_apply=True`` is refused a ``chmod 000`` file (as
+    root that needs CAP_SETPCAP to drop the DAC capabilities; some containers lack it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        locked = Path(tmp) / "locked"
+        locked.write_text("x")
+        locked.chmod(0)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", f"open({str(locked)!r}).read()"],
+                preexec_fn=_preexec(True),
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return done.returncode != 0
+
+
+def _preexec(modes_apply: bool) -> Any:
+    return _drop_file_capabilities if modes_apply and os.geteuid() == 0 else None
+
+
+def run_qlora(
+    spec: Path, work: Path, *, limit_s: float = 300.0, modes_apply: bool = False
+) -> ChildResult:
+    """Run ``python -m runner run --spec SPEC`` to the end (killed after ``limit_s``).
+
+    ``modes_apply``: file permission bits bind the child even when the tests run as root.
+    """
     env = {
         **os.environ,
         "QLORA_WORK_DIR": str(work),
@@ -90,6 +132,7 @@ def run_qlora(spec: Path, work: Path, *, limit_s: float = 300.0) -> ChildResult:
             stdout=out,
             stderr=err,
             start_new_session=True,
+            preexec_fn=_preexec(modes_apply),
         )
         timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
         timer.start()
@@ -106,3 +149,68 @@ def run_qlora(spec: Path, work: Path, *, limit_s: float = 300.0) -> ChildResult:
         cpu_s=usage.ru_utime + usage.ru_stime,
         max_rss_bytes=usage.ru_maxrss * 1024,
     )
+
+
+def run_qlora_batch(
+    cases: list[tuple[list[str], Path]],
+    *,
+    limit_s: float = 600.0,
+    modes_apply: bool = False,
+) -> list[ChildResult]:
+    """Run each ``(qlora ARGV, work dir)`` in one child interpreter (``tests.qlora_batch``).
+
+    Each case gets its own stdout/stderr, exit code, wall and CPU time and ``QLORA_WORK_DIR``;
+    ``max_rss_bytes`` is the batch's peak, so a bound on it bounds every case. A hang kills the
+    whole batch after ``limit_s`` (every case then fails).
+    """
+    assert cases
+    first_work = cases[0][1]
+    first_work.mkdir(parents=True, exist_ok=True)
+    plan: list[dict[str, Any]] = []
+    for argv, work in cases:
+        work.mkdir(parents=True, exist_ok=True)
+        plan.append(
+            {
+                "argv": argv,
+                "env": {"QLORA_WORK_DIR": str(work)},
+                "stdout": str(work / "stdout.txt"),
+                "stderr": str(work / "stderr.txt"),
+            }
+        )
+    plan_path = first_work / "batch.json"
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with (first_work / "batch-stderr.txt").open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.qlora_batch", str(plan_path)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=_preexec(modes_apply),
+        )
+        timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            _, status, _ = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    out_file = Path(str(plan_path) + ".out")
+    if os.waitstatus_to_exitcode(status) != 0 or not out_file.is_file():
+        tail = (first_work / "batch-stderr.txt").read_text(errors="replace")[-3000:]
+        raise AssertionError(f"the batch child failed ({status}):\n{tail}")
+    done = json.loads(out_file.read_text(encoding="utf-8"))
+    return [
+        ChildResult(
+            rc=r["rc"],
+            stdout=Path(p["stdout"]).read_text(errors="replace"),
+            stderr=Path(p["stderr"]).read_text(errors="replace"),
+            wall_s=r["wall_s"],
+            cpu_s=r["cpu_s"],
+            max_rss_bytes=done["max_rss_bytes"],
+        )
+        for r, p in zip(done["results"], plan, strict=True)
+    ]

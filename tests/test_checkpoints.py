@@ -215,6 +215,7 @@ spec:
         ("training", "micro_batch_size", 2),
         ("training", "gradient_accumulation_steps", 8),
         ("resources", "gpu_class", "80GB"),
+        ("resources", "deadline_hours", 3.0),
         ("metrics", "port", 9500),
         ("metrics", "enabled", False),
     ],
@@ -231,6 +232,20 @@ def test_an_oom_replan_keeps_the_training_hash(section: str, field: str, value: 
     changed = validate_document(doc)
     assert spec_hash(changed) != spec_hash(base)
     assert training_hash(changed) == training_hash(base)
+
+
+@pytest.mark.parametrize("field", ["gpus_per_node", "nodes"])
+def test_the_world_size_keeps_the_training_hash(field: str) -> None:
+    """Two ranks x accumulation 2 = one rank x accumulation 4: a checkpoint of the one resumes
+    on the other (the effective batch, part of the checkpoint identity, is the same)."""
+    import yaml
+
+    from runner.spec import load_spec_text, validate_document
+
+    doc = yaml.safe_load(TRAINING_SPEC)
+    doc["spec"]["resources"] = {field: 2}
+    doc["spec"]["training"]["gradient_accumulation_steps"] = 2
+    assert training_hash(validate_document(doc)) == training_hash(load_spec_text(TRAINING_SPEC))
 
 
 @pytest.mark.parametrize(

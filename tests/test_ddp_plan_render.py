@@ -203,3 +203,44 @@ def test_group_exit_code(
     for rank, code in codes.items():
         (tmp_path / f"rank-{rank}.exit").write_text(str(code))
     assert group_exit_code(tmp_path, torchrun_rc) == want
+
+
+def _pod(name: str, index: int | None, phase: str, created: str, **status: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "creationTimestamp": created}
+    if index is not None:
+        meta["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return {"metadata": meta, "spec": {"nodeName": "n"}, "status": {"phase": phase, **status}}
+
+
+def test_ranks_per_pod_find_the_newest_pod_of_each_rank() -> None:
+    from runner.k8s.status import pod_of_rank, rank_statuses
+
+    job = {"metadata": {"annotations": {"qlora-runner.io/ranks-per-pod": "2"}}}
+    pods = [
+        _pod("j-1-old", 1, "Failed", "2026-12-01T10:00:00Z"),
+        _pod("j-0", 0, "Running", "2026-12-01T10:00:00Z"),
+        _pod("j-1-new", 1, "Running", "2026-12-01T10:05:00Z"),
+    ]
+    rows = rank_statuses(job, pods)
+    assert [(r.node_rank, r.ranks, r.pod_name) for r in rows] == [
+        (0, (0, 1), "j-0"), (1, (2, 3), "j-1-new"),
+    ]  # fmt: skip
+    assert [pod_of_rank(job, pods, r) for r in range(5)] == [
+        "j-0", "j-0", "j-1-new", "j-1-new", None,
+    ]  # fmt: skip
+    one = [_pod("single", None, "Running", "2026-12-01T10:00:00Z")]  # one pod, every rank
+    assert pod_of_rank(job, one, 1) == "single" and pod_of_rank(job, one, 2) is None
+
+
+def test_submit_refuses_a_jobset_target_before_any_api_call() -> None:
+    from runner.k8s.submitter import Submitter
+
+    class NoApi:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"API call {name} made")
+
+    spec = spec_8b(nodes=2)
+    jobset = Settings(s3_endpoint_url="http://s3:8333", pushgateway_url=None,
+                      multi_node_target="jobset")
+    with pytest.raises(SpecError, match="QLORA_MULTI_NODE_TARGET: a JobSet is rendered for"):
+        Submitter(NoApi(), jobset).submit(spec, plan=plan_of(spec, jobset))  # type: ignore[arg-type]

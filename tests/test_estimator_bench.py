@@ -131,6 +131,7 @@ def test_host_memory_request_covers_the_measured_rss() -> None:
             )
     assert not short, "pod memory request below the measured host RSS:\n" + "\n".join(short)
 
+
 def _truncated_70b() -> dict[int, dict[str, Any]]:
     points: dict[int, dict[str, Any]] = {}
     for rec in RECORDS:
@@ -175,3 +176,25 @@ def test_70b_per_layer_fit_places_70b_qlora_in_48gb() -> None:
     err = (est.reserved_bytes - extrapolated) / extrapolated
     assert -MAX_UNDER <= err <= MAX_OVER, f"{err:+.1%}"
     assert est.total_bytes <= usable
+
+
+RUN7_POINTS = REPO / "bench" / "speed" / "run7-data" / "vram-points.jsonl"
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [json.loads(x) for x in RUN7_POINTS.read_text().splitlines()] if RUN7_POINTS.is_file() else [],
+    ids=lambda r: f"{r['model']} {r['seq']}x{r['micro_batch']}",
+)
+def test_fixed_length_points_of_run7(rec: dict[str, Any]) -> None:
+    """Llama-3.2-3B and Qwen3-1.7B (fixed-length rows, Unsloth, all layers checkpointed,
+    bench/speed/run7-data): within -5 % .. +10 % of peak reserved (printed to 0.01 GiB)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from random_models import SHAPES
+
+    shape = shape_from_config(SHAPES[rec["model"]], rec["model"])
+    t = TrainingShape("4bit", "unsloth", rec["micro_batch"], rec["seq"], 16, padded=False)
+    error = estimate(shape, t).reserved_bytes / (rec["max_memory_reserved_gib"] * 2**30) - 1
+    assert -MAX_UNDER <= error <= MAX_OVER, error

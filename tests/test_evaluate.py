@@ -118,3 +118,29 @@ def test_an_adapter_that_changes_the_model_is_measured_as_such(
     assert report.adapter.tokens == report.base.tokens
     assert report.adapter.accuracy is not None and report.adapter.scored_rows == 4
     assert n > 0 and math.isfinite(nll)
+
+
+def test_scoring_runs_the_longest_batch_first() -> None:
+    """Each later batch's logits are no larger than the first's, so the allocator reuses its
+    blocks (shortest first grew reserved memory by every batch, bench/speed/run7-data)."""
+    import torch
+
+    from runner.train.backend import TokenizedExample
+    from runner.train.evaluate import score_examples
+
+    widths: list[int] = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            widths.append(int(input_ids.shape[1]))
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 16)})()
+
+    lengths = [3, 9, 5, 12, 7, 4]
+    examples = [TokenizedExample(list(range(n)), [1] * n) for n in lengths]
+    scores = score_examples(Recorder(), examples, pad_id=0, batch_size=2)
+    assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths)
+    assert len(scores) == len(examples)

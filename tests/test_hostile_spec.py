@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,16 @@ from runner.errors import SpecError
 from runner.spec import load_spec, load_spec_text
 from runner.spec.bounds import DEFAULT_LIMITS, check_document
 from tests.conftest import REPO
+from tests.qlora_child import run_qlora_batch
 
 BASE_TEXT = (REPO / "examples" / "tiny-cpu.yaml").read_text(encoding="utf-8")
 BASE = yaml.safe_load(BASE_TEXT)
 BUDGET_S = 1.0
 """CPU seconds one hostile document may cost in-process (CPU time, not wall time: the CI box is
 shared, and what is bounded is the work the document causes)."""
+PEAK_BYTES = 32 * 1024 * 1024
+"""Python memory one hostile document may cost while it is rejected, beyond 8 bytes per
+character of its own text (the str and its parse)."""
 HOSTILE = settings(
     max_examples=25,
     deadline=None,  # timed by the test itself, with its own budget
@@ -129,6 +134,16 @@ def assert_rejected_fast(text: str) -> SpecError:
     took = time.process_time() - started
     assert took < BUDGET_S, f"took {took:.2f} s"
     assert caught.value.exit_code == 2
+    # Again, under tracemalloc (slower, so not timed): what the rejection allocates is bounded
+    # by the limits, not by what the document would expand to.
+    tracemalloc.start()
+    try:
+        with pytest.raises(SpecError):
+            load_spec_text(text, source="hostile.yaml")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < PEAK_BYTES + 8 * len(text), f"peak {peak / 2**20:.1f} MiB"
     for line in caught.value.lines():
         assert "\n" not in line and len(line) < 2000, line[:200]
     return caught.value
@@ -347,30 +362,44 @@ def run_measured(argv: list[str], cwd: Path) -> tuple[int, str, float, float]:
     return done.returncode, done.stderr.decode("utf-8", "replace"), took, rss_mib
 
 
+HOSTILE_FILES = {
+    "alias-bomb": alias_bomb(9, 10),
+    "deep": deep(3000, "flow-list"),
+    "huge-file": BASE_TEXT + "# " + "x" * (40 * 1024 * 1024) + "\n",
+}
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(
-    "case",
-    ["alias-bomb", "deep", "huge-file"],
-)
-def test_real_commands_reject_hostile_files_quickly_and_small(tmp_path: Path, case: str) -> None:
-    texts = {
-        "alias-bomb": alias_bomb(9, 10),
-        "deep": deep(3000, "flow-list"),
-        "huge-file": BASE_TEXT + "# " + "x" * (40 * 1024 * 1024) + "\n",
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(texts[case], encoding="utf-8")
-    commands = [["validate", str(path)], ["plan", str(path)], ["render", str(path)]]
-    if case == "alias-bomb":  # the one from the issue: through run and submit too
-        commands += [["run", "--spec", str(path)], ["submit", str(path)]]
-    for argv in commands:
-        rc, err, took, rss_mib = run_measured(argv, tmp_path)
-        assert rc == 2, (argv, err[-2000:])
+def test_real_commands_reject_hostile_files_in_under_a_second_each(tmp_path: Path) -> None:
+    # validate, plan, render and submit (no cluster: the spec fails before any connection) on
+    # each file, all in one child interpreter: each command's own CPU time is under a second
+    # and the child's peak RSS bounds them all.
+    runs = []
+    for case, text in HOSTILE_FILES.items():
+        path = tmp_path / case / "job.yaml"
+        path.parent.mkdir()
+        path.write_text(text, encoding="utf-8")
+        for command in ("validate", "plan", "render", "submit"):
+            runs.append(([command, str(path)], tmp_path / case / command))
+    for (argv, _), result in zip(runs, run_qlora_batch(runs, limit_s=150), strict=True):
+        assert result.rc == 2, (argv, result.stderr[-2000:])
+        err = result.stderr
         assert "Traceback" not in err and "internal error" not in err, err[-2000:]
         assert any(line.startswith("error: ") for line in err.splitlines()), err[:500]
-        limit_s = 60 if argv[0] == "run" else 20  # process start-up on a shared 2-core box
-        assert took < limit_s, (argv, took)
-        assert rss_mib < (1024 if argv[0] == "run" else 256), (argv, rss_mib)
+        assert result.cpu_s < BUDGET_S, (argv, result.cpu_s)
+        assert result.max_rss_bytes < 256 * 1024**2, (argv, result.max_rss_bytes)
+
+
+@pytest.mark.timeout(180)
+def test_qlora_run_rejects_the_alias_bomb_quickly_and_small(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(HOSTILE_FILES["alias-bomb"], encoding="utf-8")
+    rc, err, took, rss_mib = run_measured(["run", "--spec", str(path)], tmp_path)
+    assert rc == 2, err[-2000:]
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
+    assert "values (after expanding aliases)" in err, err[-2000:]
+    assert took < 60, took  # process start-up (torch) on a shared 2-core box
+    assert rss_mib < 1024, rss_mib
 
 
 @pytest.mark.parametrize(

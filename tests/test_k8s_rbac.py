@@ -145,6 +145,35 @@ def test_the_declared_rules_are_enough_for_a_whole_reconcile(
     _reconcile_to_success(cp, _as(cp, _user(ns, "op")), ns, "rbac-enough")
 
 
+def test_the_declared_rules_create_a_two_node_jobs_headless_service(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], crd: None,  # noqa: F811
+    kube_namespace: str,
+) -> None:
+    """resources.nodes: 2 renders a Service too: the operator's rules must cover it."""
+    cp, ns = kube_control_plane, kube_namespace
+    role: dict[str, Any] = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "op", "namespace": ns},
+        "rules": [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "op", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "op"},
+        "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": ns}],
+    }
+    cp.apply_file_objects([role, binding], PLURALS)
+    doc = example("rbac-two-nodes")
+    doc["spec"]["resources"] = {"nodes": 2}
+    cp.request("POST", ftj_path(ns), doc)
+    Operator(_as(cp, _user(ns, "op")), Settings(), namespace=ns).reconcile_all()
+    st = cp.request("GET", ftj_path(ns, "rbac-two-nodes"))["status"]
+    assert st["phase"] == "Planned", st
+    svc = cp.request("GET", f"/api/v1/namespaces/{ns}/services/{st['jobName']}")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["metadata"]["ownerReferences"][0]["kind"] == "FineTuneJob"
+
+
 def test_manifests_grant_the_operator_exactly_the_declared_rules(
     kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], crd: None,  # noqa: F811
 ) -> None:

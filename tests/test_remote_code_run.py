@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
 
-from runner.spec.model import ModelSpec
 from tests.fixtures.tiny_model import need_train_extra
-from tests.qlora_child import DATA, run_qlora, tiny_job
+from tests.qlora_child import DATA, ChildResult, run_qlora_batch, tiny_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -68,11 +66,42 @@ def _sharegpt_with_bom(tmp: Path) -> Path:
     return out
 
 
-def test_planted_code_never_runs_without_trust(tiny_model_dir: Path, tmp_path: Path) -> None:
+LAX = ("yes", 1, "true", "on")
+"""Spellings a careless spec might use for true; none is a boolean."""
+
+Outcomes = dict[str, tuple[ChildResult, Path, Path]]
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Outcomes:
+    """Every run of this file in one batch child (``tests.qlora_child.run_qlora_batch``), each
+    with its own planted model and marker. The literal-true run goes last, so the planted module
+    is imported in that interpreter only after every other case has been judged by its own
+    marker."""
     need_train_extra()
-    model, marker = _planted(tiny_model_dir, tmp_path)
-    spec = tiny_job(tmp_path, model, data=_sharegpt_with_bom(tmp_path), steps=2)
-    result = run_qlora(spec, tmp_path / "work")
+    root = tmp_path_factory.mktemp("remote-code")
+    specs: dict[str, tuple[Path, Path]] = {}
+    for name, fields in (
+        ("untrusted", None),
+        *((f"lax-{type(v).__name__}-{v}", {"trust_remote_code": v}) for v in LAX),
+        ("literal-true", {"trust_remote_code": True}),
+    ):
+        tmp = root / name
+        tmp.mkdir()
+        model, marker = _planted(tiny_model_dir, tmp)
+        data = _sharegpt_with_bom(tmp) if name == "untrusted" else DATA
+        specs[name] = (tiny_job(tmp, model, data=data, model_fields=fields, steps=2), marker)
+    results = run_qlora_batch(
+        [(["run", "--spec", str(spec)], spec.parent / "work") for spec, _ in specs.values()]
+    )
+    return {
+        name: (result, spec, marker)
+        for (name, (spec, marker)), result in zip(specs.items(), results, strict=True)
+    }
+
+
+def test_planted_code_never_runs_without_trust(outcomes: Outcomes) -> None:
+    result, _, marker = outcomes["untrusted"]
     assert result.rc == 0, result.stderr[-3000:]
     assert not marker.exists(), "the model's own code ran without trust_remote_code"
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -80,50 +109,22 @@ def test_planted_code_never_runs_without_trust(tiny_model_dir: Path, tmp_path: P
     held = manifest["evaluation"]["held_out"]["rows"]  # carved before training for the gate
     assert manifest["dataset"]["train_rows"] + held == 64, "every ShareGPT row was read"
     assert manifest["dataset"]["preflight"]["loss_tokens"] > 0
+    assert manifest["base_model"]["trust_remote_code"] is False
 
 
-def _is_strict_bool(value: Any) -> bool:
-    try:
-        ModelSpec.model_validate({"source": "/models/m", "trust_remote_code": value})
-    except ValidationError as e:
-        return any(err["loc"][-1] == "trust_remote_code" for err in e.errors())
-    return False
-
-
-LAX = [
-    pytest.param(
-        value,
-        id=f"{type(value).__name__}-{value}",
-        # The strict spec type is issue 11's spec half (branch sec-spec); until it is merged,
-        # a lax value still coerces to true here, and this case is known to fail.
-        marks=pytest.mark.xfail(
-            not _is_strict_bool(value), reason="spec coerces lax booleans", strict=True
-        ),
-    )
-    for value in ("yes", 1, "true", "on")
-]
-
-
-@pytest.mark.parametrize("value", LAX)
-def test_a_lax_spelling_never_turns_remote_code_on(
-    tiny_model_dir: Path, tmp_path: Path, value: Any
-) -> None:
-    need_train_extra()
-    model, marker = _planted(tiny_model_dir, tmp_path)
-    spec = tiny_job(tmp_path, model, model_fields={"trust_remote_code": value})
-    result = run_qlora(spec, tmp_path / "work")
+@pytest.mark.parametrize("value", LAX, ids=[f"{type(v).__name__}-{v}" for v in LAX])
+def test_a_lax_spelling_never_turns_remote_code_on(outcomes: Outcomes, value: Any) -> None:
+    result, _, marker = outcomes[f"lax-{type(value).__name__}-{value}"]
     assert not marker.exists(), f"trust_remote_code: {value!r} ran the model's code"
-    result.assert_user_error("trust_remote_code")
+    result.assert_user_error("spec.model.trust_remote_code: must be true or false")
 
 
-def test_literal_true_runs_the_planted_code(tiny_model_dir: Path, tmp_path: Path) -> None:
-    need_train_extra()
-    model, marker = _planted(tiny_model_dir, tmp_path)
-    spec = tiny_job(tmp_path, model, model_fields={"trust_remote_code": True})
-    result = run_qlora(spec, tmp_path / "work")
+def test_literal_true_runs_the_planted_code(outcomes: Outcomes) -> None:
+    result, _, marker = outcomes["literal-true"]
     assert marker.exists(), "the test cannot see remote code run"
     # The planted module defines no classes, so loading fails after it ran, as a user error.
     result.assert_user_error("spec.model.source")
+    assert "model.trust_remote_code is true" in result.stderr  # the run's warning
 
 
 def test_every_from_pretrained_passes_the_specs_setting() -> None:

@@ -22,7 +22,7 @@ def test_invalid_setting_names_the_variable(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "invalid settings in the QLORA_* environment" in err
-    assert "QLORA_STORAGE_RETRIES: Input should be a valid integer" in err
+    assert "QLORA_STORAGE_RETRIES: must be a whole number in decimal digits" in err
     assert "internal error" not in err
 
 

@@ -80,3 +80,15 @@ def test_partial_checkpointing_recomputes_only_the_first_layers() -> None:
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert calls == [2, 1, 1, 1]  # layer 0 recomputed in backward, the others kept
+
+
+def test_allocator_env_sets_expandable_segments_unless_configured() -> None:
+    from runner.train.speedups import EXPANDABLE, allocator_env
+
+    assert allocator_env({}, "2.11.0+cu130") == {"PYTORCH_ALLOC_CONF": EXPANDABLE}
+    assert allocator_env({"PYTORCH_ALLOC_CONF": ""}, "2.11.0") == {"PYTORCH_ALLOC_CONF": EXPANDABLE}
+    assert allocator_env({}, "2.5.1") == {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}
+    assert allocator_env({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, "2.11.0") == {}
+    assert allocator_env({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, "2.11.0") == {}
+    assert allocator_env({"QLORA_EXPANDABLE_SEGMENTS": "0"}, "2.11.0") == {}
+    assert allocator_env({}, None) == {}

@@ -222,6 +222,12 @@ HOSTILE = [
         id="deep-nesting",
     ),
     pytest.param("x" * 300_000, SpecError, "the limit is", id="too-long"),
+    pytest.param(  # textwrap is quadratic in one long word: this took ~40 s before the limit
+        "{{ ('a' * 500000)|wordwrap(1) }}",
+        DataError,
+        "wraps a text of 500000 characters (limit 65536)",
+        id="wordwrap-quadratic",
+    ),
 ]
 
 

@@ -30,9 +30,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--chat-template", help="chat template name (default: the tokenizer's)")
     p.add_argument("--scoring", default="auto", choices=("auto", "choices", "exact-match", "loss"))
     p.add_argument("--choices-field", default="choices", help="row field listing the options")
-    p.add_argument("--max-rows", type=int, default=1000, help="score at most this many rows")
+    p.add_argument(
+        "--max-rows", type=_positive_int, default=1000, help="score at most this many rows"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_eval)
+
+
+def _positive_int(text: str) -> int:
+    """A whole number >= 1 (argparse turns the ValueError into exit 2 naming the option)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return int(text)
 
 
 def _eval(args: argparse.Namespace) -> int:

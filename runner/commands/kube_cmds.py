@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runner.errors import ExitCode, SpecError
 from runner.settings import load_settings
 
 if TYPE_CHECKING:
     from runner.k8s.client import KubeClient
+    from runner.k8s.submitter import Submitter
 
 _EXIT_CODES = (
     "exit codes: 0 ok | 2 invalid spec | 3 fits no GPU class (nothing created) | "
@@ -73,9 +74,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_status)
 
     p = sub.add_parser("logs", help="print the log of a submitted job's newest pod",
-                       description="Print the log of the newest pod of NAME's newest Job.")
+                       description="Print the log of the newest pod of NAME's newest Job; "
+                       "over several nodes, of the pod that runs rank 0 (--rank R: rank R's).")
     p.add_argument("name", metavar="NAME", help="the spec's metadata.name")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing while it runs")
+    p.add_argument("--rank", type=int, default=0, metavar="R",
+                   help="the pod of global rank R (default 0; a pod of N GPUs holds N ranks)")
     _cluster_args(p)
     p.set_defaults(handler=_logs)
 
@@ -186,15 +190,37 @@ def _status(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    _print_ranks(submitter, [job for job, _ in submitter.status(args.name, ns)])
     return int(ExitCode.OK)
+
+
+def _print_ranks(submitter: Submitter, jobs: list[dict[str, Any]]) -> None:
+    """Per node rank of the newest Job over several pods: pod, phase, node, outcome."""
+    if not jobs:
+        return
+    statuses = submitter.ranks(jobs[-1])
+    if len(statuses) < 2 and all(st.node_rank is None for st in statuses):
+        return  # one pod: the row above says it all
+    rows = [("RANKS", "POD", "PHASE", "NODE", "DETAIL")]
+    for st in statuses:
+        ranks = f"{st.ranks[0]}" if len(st.ranks) == 1 else f"{st.ranks[0]}-{st.ranks[-1]}"
+        detail = st.reason + (f" (exit code {st.exit_code})" if st.exit_code else "")
+        rows.append((ranks, st.pod_name, st.phase, st.node_name or "-", detail))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print()
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
 
 
 def _logs(args: argparse.Namespace) -> int:
     from runner.k8s.submitter import Submitter
 
     settings = load_settings()
+    if args.rank < 0:
+        raise SpecError(f"--rank: must be 0 or more, got {args.rank}")
     Submitter(_client(args), settings).logs(
-        args.name, args.namespace or settings.namespace, follow=args.follow, out=sys.stdout
+        args.name, args.namespace or settings.namespace, follow=args.follow, out=sys.stdout,
+        rank=args.rank,
     )
     return int(ExitCode.OK)
 

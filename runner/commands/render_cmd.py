@@ -7,22 +7,22 @@ is pure (plan, then build objects), so it works on a laptop with no cluster acce
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from runner.errors import ExitCode, PlanError, SpecError
 from runner.k8s import crd_yaml, kueue, render_objects
 from runner.k8s.manifests import to_yaml
 from runner.k8s.names import is_dns1123_label
 from runner.k8s.pod_fit import refuse_local_paths
+from runner.local_files import is_file, read_file
 from runner.plan import Plan, bundled_config, make_plan
+from runner.plan.config_schema import read_model_config
 from runner.plan.model_config import bundled_shapes
 from runner.settings import load_settings
 from runner.spec import load_spec, spec_hash
+from runner.spec.bounds import load_yaml_file
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -112,10 +112,7 @@ def _say_flavors(plan: Plan, memory_label: str, values_file: str | None) -> None
     if values_file is None:
         print(f"kueue: the job can use flavors whose node labels give {need}", file=sys.stderr)
         return
-    try:
-        doc = yaml.safe_load(Path(values_file).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"{values_file}: cannot read the values file: {e}") from e
+    doc = load_yaml_file(Path(values_file), what="values file")  # bounded, as a spec
     flavors = kueue.flavors_from_values(doc, memory_label, source=values_file)
     names = kueue.usable_flavors(flavors, plan, memory_label)
     if not names:
@@ -128,24 +125,17 @@ def _say_flavors(plan: Plan, memory_label: str, values_file: str | None) -> None
 
 
 def _load_plan(path: str) -> Plan:
+    raw = read_file(Path(path), max_bytes=1024 * 1024, what="plan")
     try:
-        return Plan.from_json(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read the plan: {e}") from e
-    except (ValueError, KeyError, TypeError) as e:
+        return Plan.from_json(raw.decode("utf-8"))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise SpecError(f"{path}: not a plan written by 'qlora plan --json': {e}") from e
 
 
 def _model_config(value: str) -> dict[str, Any]:
     path = Path(value)
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SpecError(f"{value}: cannot read the model config: {e}") from e
-        if not isinstance(data, dict):
-            raise SpecError(f"{value}: a config.json holds a JSON object")
-        return data
+    if is_file(path):  # the same strict check as every config.json (runner.plan.config_schema)
+        return read_model_config(path)
     found = bundled_config(value)
     if found is None:
         raise SpecError(

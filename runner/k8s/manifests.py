@@ -34,7 +34,7 @@ import yaml
 from runner import __version__
 from runner.deadline import DEADLINE_ENV, POD_NAME_ENV
 from runner.errors import ExitCode, SpecError
-from runner.k8s import multinode, names
+from runner.k8s import jobset, multinode, names, trainjob
 from runner.k8s.pod_fit import config_map_problems, volume_sizes
 from runner.plan.types import MIB, GpuClass, Plan
 from runner.settings import Settings
@@ -127,7 +127,9 @@ def render_objects(
         managed_by: Value of ``app.kubernetes.io/managed-by``.
 
     Returns:
-        ``[ConfigMap, Job]`` as plain dicts; ``[ConfigMap, Service, Job]`` over several nodes.
+        ``[ConfigMap, Job]`` as plain dicts; over several nodes ``[ConfigMap, Service, Job]``
+        (``settings.multi_node_target`` indexed-job), ``[ConfigMap, JobSet]`` (jobset) or
+        ``[ConfigMap, TrainJob]`` (trainjob).
 
     Raises:
         SpecError: ``metadata.labels`` holds an invalid or reserved label, or ``queue_name``
@@ -169,17 +171,17 @@ def render_objects(
             "spec": _pod_spec(spec, plan, settings, config_map_name=name, policy=policy),
         },
     }
-    if plan.nodes > 1 and settings.multi_node_target != "indexed-job":
-        raise SpecError(
-            f"QLORA_MULTI_NODE_TARGET: '{settings.multi_node_target}' is not rendered yet; "
-            "use indexed-job (a batch/v1 Indexed Job with a headless Service)"
-        )
-    if plan.nodes > 1:  # one pod per node: an Indexed Job behind a headless Service
+    target = settings.multi_node_target if plan.nodes > 1 else None
+    if target is not None:  # one pod per node: an Indexed Job (alone or in a JobSet/TrainJob)
         job_spec.update(multinode.indexed_job_fields(plan))
         pod = job_spec["template"]["spec"]
-        pod["subdomain"] = multinode.service_name(name)
         train = pod["containers"][0]
-        train["env"] += multinode.rank_env(name, ns)
+        if target == "indexed-job":
+            pod["subdomain"] = multinode.service_name(name)
+            train["env"] += multinode.rank_env(multinode.master_host(name, ns))
+        elif target == "jobset":
+            train["env"] += multinode.rank_env(jobset.master_host(name, ns))
+        # a TrainJob's runtime gives torchrun's PET_* environment itself
         train.setdefault("ports", []).append(
             {
                 "name": multinode.RENDEZVOUS_PORT_NAME,
@@ -189,23 +191,51 @@ def render_objects(
         )
     if queue_name is not None:
         job_spec["suspend"] = True
+    annotations = {
+        names.ANNOTATION_SPEC_HASH: full_hash,
+        names.ANNOTATION_VRAM_ESTIMATE: str(plan.vram_estimate_bytes),
+        names.ANNOTATION_QUANT_MODE: plan.quant_mode,
+    }
+    if plan.world_size > 1:  # qlora logs --rank R finds the pod of rank R by it
+        annotations[names.ANNOTATION_RANKS_PER_POD] = str(plan.gpus_per_node)
     job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            **meta,
-            "labels": job_labels,
-            "annotations": {
-                names.ANNOTATION_SPEC_HASH: full_hash,
-                names.ANNOTATION_VRAM_ESTIMATE: str(plan.vram_estimate_bytes),
-                names.ANNOTATION_QUANT_MODE: plan.quant_mode,
-            },
-        },
+        "metadata": {**meta, "labels": job_labels, "annotations": annotations},
         "spec": job_spec,
     }
-    if plan.nodes > 1:
+    if target == "jobset":
+        return [config_map, jobset.render_jobset(job, restarts=policy.backoff_limit)]
+    if target == "trainjob":
+        trainer_job = trainjob.render_trainjob(
+            job,
+            nodes=plan.nodes,
+            gpus_per_node=plan.gpus_per_node,
+            runtime=settings.trainer_runtime,
+        )
+        return [config_map, trainer_job]
+    if target == "indexed-job":
         return [config_map, multinode.headless_service(name, meta), job]
     return [config_map, job]
+
+
+
+def job_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``batch/v1`` Job among rendered objects.
+
+    Raises:
+        SpecError: a JobSet or TrainJob was rendered (``QLORA_MULTI_NODE_TARGET``); ``qlora
+            submit`` and the operator create and follow the Indexed Job only, the other
+            targets are for ``qlora render`` | ``kubectl apply``.
+    """
+    for obj in objects:
+        if obj["kind"] == "Job":
+            return obj
+    kinds = ", ".join(o["kind"] for o in objects if o["kind"] != "ConfigMap")
+    raise SpecError(
+        f"QLORA_MULTI_NODE_TARGET: a {kinds} is rendered for 'qlora render | kubectl apply "
+        "-f -' only; qlora submit and the operator create the Indexed Job (indexed-job)"
+    )
 
 
 def owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:

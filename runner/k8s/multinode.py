@@ -61,8 +61,15 @@ def headless_service(
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # ranks resolve each other before any is ready
             "selector": {"batch.kubernetes.io/job-name": job_name},
+            # protocol spelt out: server-side apply keys the port list by (port, protocol)
+            # and older API servers do not default it before merging
             "ports": [
-                {"name": RENDEZVOUS_PORT_NAME, "port": MASTER_PORT, "targetPort": MASTER_PORT}
+                {
+                    "name": RENDEZVOUS_PORT_NAME,
+                    "port": MASTER_PORT,
+                    "targetPort": MASTER_PORT,
+                    "protocol": "TCP",
+                }
             ],
         },
     }
@@ -78,9 +85,9 @@ def indexed_job_fields(plan: Plan) -> dict[str, Any]:
     }
 
 
-def rank_env(job_name: str, namespace: str) -> list[dict[str, Any]]:
+def rank_env(master: str) -> list[dict[str, Any]]:
     """The rendezvous environment of every pod (the node rank is JOB_COMPLETION_INDEX)."""
     return [
-        {"name": "QLORA_MASTER_ADDR", "value": master_host(job_name, namespace)},
+        {"name": "QLORA_MASTER_ADDR", "value": master},
         {"name": "QLORA_MASTER_PORT", "value": str(MASTER_PORT)},
     ]

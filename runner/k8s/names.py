@@ -40,6 +40,8 @@ ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 """The full 64-hex-digit spec hash."""
 ANNOTATION_VRAM_ESTIMATE = f"{GROUP}/vram-estimate-bytes"
 ANNOTATION_QUANT_MODE = f"{GROUP}/quant-mode"
+ANNOTATION_RANKS_PER_POD = f"{GROUP}/ranks-per-pod"
+"""On a Job of several ranks: torchrun processes in each pod (GPUs per node)."""
 
 RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/", f"{GROUP}/", "kueue.x-k8s.io/")
 

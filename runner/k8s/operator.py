@@ -39,7 +39,9 @@ operator watches one namespace (``$QLORA_NAMESPACE``) unless started with ``--al
 so the rules belong in a **Role + RoleBinding in that namespace**; only ``--all-namespaces``
 needs a ClusterRole. (create: server-side apply of an object that does not exist yet is
 authorised as create; patch: server-side apply and the status merge-patch; delete: a running
-Job of an outdated spec; finetunejobs/finalizers update: the OwnerReferencesPermissionEnforcement
+Job of an outdated spec; services create/patch/delete: the headless Service of a run over
+several nodes, applied with its Job and deleted with an outdated one; finetunejobs/finalizers
+update: the OwnerReferencesPermissionEnforcement
 admission plugin asks for it before it accepts ``blockOwnerDeletion`` owner references. Pods are
 read only for their termination messages, ResourceQuotas only for their room: no pods/log, no
 events, no secrets, and no write to the FineTuneJob itself.) A namespace-scoped install for
@@ -62,6 +64,7 @@ from runner.k8s.api import (
     JOBS,
     PODS,
     RESOURCEQUOTAS,
+    SERVICES,
     ConflictError,
     KubeApi,
     Obj,
@@ -70,7 +73,7 @@ from runner.k8s.api import (
     resource_of,
 )
 from runner.k8s.exit_policy import POLICY_REASON, policy_failure, stop_job
-from runner.k8s.manifests import render_objects
+from runner.k8s.manifests import job_of, render_objects
 from runner.k8s.quota import no_room
 from runner.k8s.replan import plan_attempt
 from runner.k8s.status import (
@@ -104,6 +107,8 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("qlora-runner.io", "finetunejobs/finalizers", ("update",)),
     ("batch", "jobs", ("get", "list", "watch", "create", "patch", "delete")),
     ("", "configmaps", ("get", "list", "watch", "create", "patch", "delete")),
+    # The headless Service of a run over several nodes: applied, deleted with an outdated Job.
+    ("", "services", ("create", "patch", "delete")),
     ("", "pods", ("get", "list", "watch")),
     ("", "resourcequotas", ("get", "list", "watch")),
 )
@@ -333,7 +338,7 @@ class Operator:
                                      attempt=retries, managed_by=MANAGED_BY,
                                      queue_name=queue_name)
             self._memo[(ns, name)] = (vkey, spec, digest, retries, eff, plan, objects)
-        job_obj = next(o for o in objects if o["kind"] == "Job")
+        job_obj = job_of(objects)
         job_name = str(job_obj["metadata"]["name"])
         st.update(jobName=job_name, configMapName=job_name)
 
@@ -425,6 +430,8 @@ class Operator:
                     continue
             log.info("deleting outdated job %s/%s", ns, jname)
             self.api.delete(JOBS, ns, jname)
+            if job["spec"].get("completionMode") == "Indexed":  # and its headless Service
+                self.api.delete(SERVICES, ns, jname)
 
     def _no_room(self, ns: str, job: Obj) -> str | None:
         """Why the namespace's ResourceQuotas leave no room for the Job's pod, or None."""

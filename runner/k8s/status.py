@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from runner.k8s import names
+
 TERMINATION_LOG = "/dev/termination-log"
 MAX_TERMINATION_BYTES = 4096
 
@@ -250,6 +252,94 @@ def job_progress(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> P
     if (job.get("spec") or {}).get("suspend"):
         return Progress(phase=PENDING, reason="Suspended", message="the job waits in its queue")
     return Progress(phase=PENDING, reason="Created", message="waiting for the job's pod")
+
+
+COMPLETION_INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+"""Annotation (1.21+) and label (1.28+) of an Indexed Job's pods: the node rank."""
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One pod of a Job over several ranks, as ``qlora status`` lists it.
+
+    Attributes:
+        node_rank: The pod's completion index (None when the pod does not say).
+        ranks: The global ranks in the pod (``node_rank * ranks_per_pod`` onwards).
+        pod_name: The pod.
+        phase: The pod's phase.
+        node_name: Where it runs.
+        exit_code: The runner's exit code once it ended.
+        reason: The termination message's reason (or "completed").
+    """
+
+    node_rank: int | None
+    ranks: tuple[int, ...]
+    pod_name: str
+    phase: str
+    node_name: str | None
+    exit_code: int | None
+    reason: str
+
+
+def node_rank_of(pod: Mapping[str, Any]) -> int | None:
+    """A pod's node rank: its completion index, else the index the pod was given in its
+    environment (a control plane older than Indexed Jobs), else None."""
+    meta = pod.get("metadata") or {}
+    for source in (meta.get("annotations") or {}, meta.get("labels") or {}):
+        value = source.get(COMPLETION_INDEX_KEY)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        for env in container.get("env") or []:
+            if env.get("name") == "JOB_COMPLETION_INDEX" and str(env.get("value")).isdigit():
+                return int(env["value"])
+    return None
+
+
+def ranks_per_pod(job: Mapping[str, Any]) -> int:
+    """torchrun processes in each of the Job's pods (1 unless the Job says otherwise)."""
+    value = ((job.get("metadata") or {}).get("annotations") or {}).get(
+        names.ANNOTATION_RANKS_PER_POD, "1"
+    )
+    return int(value) if str(value).isdigit() and int(value) > 0 else 1
+
+
+def rank_statuses(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> list[RankStatus]:
+    """The newest pod of each node rank, by node rank (pods without one last)."""
+    per_pod = ranks_per_pod(job)
+    newest: dict[int | None, Mapping[str, Any]] = {}
+    for pod in sorted(pods, key=lambda p: str(p["metadata"].get("creationTimestamp", ""))):
+        newest[node_rank_of(pod)] = pod
+    out = []
+    for index, pod in sorted(newest.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        term = container_termination(pod)
+        first = (index or 0) * per_pod
+        out.append(
+            RankStatus(
+                node_rank=index,
+                ranks=tuple(range(first, first + per_pod)),
+                pod_name=str(pod["metadata"]["name"]),
+                phase=str((pod.get("status") or {}).get("phase") or "Pending"),
+                node_name=_node_name(pod),
+                exit_code=term.exit_code if term else None,
+                reason=(term.reason if term else "") or "",
+            )
+        )
+    return out
+
+
+def pod_of_rank(
+    job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]], rank: int
+) -> str | None:
+    """The newest pod that runs global rank ``rank`` (its node rank is ``rank // ranks per
+    pod``); a Job of one pod runs every rank in it."""
+    statuses = rank_statuses(job, pods)
+    if len(statuses) == 1 and statuses[0].node_rank is None:
+        return statuses[0].pod_name if rank < ranks_per_pod(job) else None
+    for st in statuses:
+        if rank in st.ranks:
+            return st.pod_name
+    return None
 
 
 def _pod_name(pod: Mapping[str, Any] | None) -> str | None:

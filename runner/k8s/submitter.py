@@ -33,14 +33,22 @@ from runner.k8s.api import (
     FINETUNEJOBS,
     JOBS,
     PODS,
+    SERVICES,
     KubeApi,
     NotFoundError,
     Obj,
     resource_of,
 )
-from runner.k8s.manifests import render_objects
+from runner.k8s.manifests import job_of, render_objects
 from runner.k8s.replan import next_attempt_spec
-from runner.k8s.status import SUCCEEDED, Progress, job_progress
+from runner.k8s.status import (
+    SUCCEEDED,
+    Progress,
+    RankStatus,
+    job_progress,
+    pod_of_rank,
+    rank_statuses,
+)
 from runner.plan import Plan, make_plan
 from runner.settings import Settings
 from runner.spec import JobSpec
@@ -123,8 +131,8 @@ class Submitter:
         ns = namespace or self.settings.namespace
         objects = render_objects(spec, plan, self.settings, queue_name=queue_name, namespace=ns,
                                  attempt=attempt)
+        job = job_of(objects)  # before any API call: a JobSet/TrainJob is for kubectl apply
         applied = tuple(self._apply(obj) for obj in objects)
-        job = next(o for o in objects if o["kind"] == "Job")
         return Submission(plan, ns, str(job["metadata"]["name"]), applied)
 
     def _apply(self, obj: Obj) -> Applied:
@@ -288,24 +296,38 @@ class Submitter:
         except NotFoundError:
             return None
 
-    def logs(self, name: str, namespace: str, *, follow: bool, out: TextIO) -> None:
-        """Print the log of the newest pod of the newest Job of ``name``."""
+    def ranks(self, job: Obj) -> list[RankStatus]:
+        """The pods of a Job over several ranks, one per node rank (newest first wins)."""
+        return rank_statuses(job, job_pods(self.api, job))
+
+    def logs(
+        self, name: str, namespace: str, *, follow: bool, out: TextIO, rank: int = 0
+    ) -> None:
+        """Print the log of the newest pod running ``rank`` (default 0) of the newest Job of
+        ``name``; a pod of several GPUs holds the log of all its ranks."""
         jobs = self.jobs_for(name, namespace)
         if not jobs:
             raise NotFoundError(f"no job named '{name}' in namespace {namespace}")
-        pods = job_pods(self.api, jobs[-1])
+        job = jobs[-1]
+        pods = job_pods(self.api, job)
         if not pods:
             raise NotFoundError(
-                f"job {namespace}/{jobs[-1]['metadata']['name']} has no pod yet; "
+                f"job {namespace}/{job['metadata']['name']} has no pod yet; "
                 f"see 'qlora status {name}'"
             )
-        pods.sort(key=lambda p: str(p["metadata"].get("creationTimestamp", "")))
-        for line in self.api.pod_logs(namespace, pods[-1]["metadata"]["name"], follow=follow):
+        pod = pod_of_rank(job, pods, rank)
+        if pod is None:
+            raise NotFoundError(
+                f"--rank {rank}: job {namespace}/{job['metadata']['name']} has no pod of that "
+                f"rank (yet); see 'qlora status {name}'"
+            )
+        for line in self.api.pod_logs(namespace, pod, follow=follow):
             print(line, file=out, flush=True)
 
     def cancel(self, name: str, namespace: str) -> list[str]:
         """Stop the job ``name``: delete its FineTuneJob (the operator's objects go with it by
-        garbage collection), else its Jobs (pods go too) and ConfigMaps.
+        garbage collection), else its Jobs (every pod goes too, background propagation),
+        headless Services (runs over several nodes) and ConfigMaps.
 
         Returns:
             ``kind/name`` of each deleted object.
@@ -318,7 +340,7 @@ class Submitter:
             FINETUNEJOBS, namespace, name
         ):
             deleted.append(f"finetunejob/{name}")
-        for res in (JOBS, CONFIGMAPS):
+        for res in (JOBS, SERVICES, CONFIGMAPS):
             items, _ = self.api.list_objects(res, namespace, selector(name))
             for item in items:
                 if self.api.delete(res, namespace, item["metadata"]["name"]):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runner.errors import SpecError
 from runner.plan.types import MIB, GpuClass
 from runner.settings import Settings
+from runner.spec.bounds import load_yaml_file
 
 
 class _ClassEntry(BaseModel):
@@ -121,18 +122,13 @@ def load_gpu_classes(settings: Settings | None = None) -> GpuClassTable:
         SpecError: the file is missing, not YAML, or invalid (exit code 2).
     """
     path = settings.gpu_classes_file if settings else None
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise SpecError(
-                f"{path}: cannot read the GPU class table (QLORA_GPU_CLASSES_FILE): "
-                f"{e.strerror or e}"
-            ) from e
-        origin = path
-    else:
-        text = resources.files("runner").joinpath("data/gpu_classes.yaml").read_text("utf-8")
-        origin = "bundled gpu_classes.yaml"
+    if path:  # bounded and read as YAML 1.2, like a spec
+        data = load_yaml_file(
+            Path(path), what="GPU class table", label=f"{path} (QLORA_GPU_CLASSES_FILE)"
+        )
+        return parse_gpu_classes(data, path)
+    text = resources.files("runner").joinpath("data/gpu_classes.yaml").read_text("utf-8")
+    origin = "bundled gpu_classes.yaml"
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

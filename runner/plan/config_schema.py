@@ -25,6 +25,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.errors import SpecError
+from runner.local_files import read_file
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 """A real ``config.json`` is a few KiB; anything this large is not one."""
@@ -201,17 +202,7 @@ def read_config_bytes(path: Path, where: str | None = None) -> bytes:
     Raises:
         SpecError: unreadable or larger than :data:`MAX_CONFIG_BYTES` (exit code 2).
     """
-    label = where or str(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise SpecError(
-                f"{label}: {size} bytes is not a config.json (limit "
-                f"{MAX_CONFIG_BYTES // (1024 * 1024)} MiB)"
-            )
-        return path.read_bytes()
-    except OSError as e:
-        raise SpecError(f"{label}: cannot read: {e.strerror or e}") from e
+    return read_file(path, where, max_bytes=MAX_CONFIG_BYTES, what="config.json")
 
 
 def _json_type(value: object) -> str:

@@ -40,7 +40,7 @@ def lengths_for_plan(spec: JobSpec, data: str) -> LengthProfile:
         DataError: the file is missing, unreadable or not JSON (``path: message``).
     """
     path = Path(data)
-    if not path.is_file():
+    if not path.exists():  # anything else there (a FIFO, a directory) is named by the reader
         raise DataError(f"{data}: no such data file (qlora plan --data takes a local file)")
     tok = local_tokenizer(spec.spec.model.source)
     if tok is not None:

@@ -72,12 +72,16 @@ class Calibration:
             speed runs (see VRAM.md).
         unsloth_gpu_checkpoints: Layer inputs Unsloth keeps on the GPU while the rest are
             offloaded to host RAM (the current one and the one being prefetched).
-        uncheckpointed_factor: Multiplies the hand count of a layer's saved activations for
-            layers left out of partial checkpointing. Fitted to one H200 point
-            (``bench/speed/run5-data``, qlora-24gb: 8B, Unsloth, 14,973 tokens, layers 27-31
-            uncheckpointed: 20.61 GiB reserved), like the grid, 2 % above the measurement.
+        uncheckpointed_factor: transformers backend: multiplies the hand count of a layer's
+            saved activations for layers left out of partial checkpointing (not measured:
+            1.0, the hand count).
         no_checkpoint_factor: The same for every layer when checkpointing is off (not
-            measured: 1.0, the hand count, which the one partial point says is ~9 % high).
+            measured: 1.0).
+        unsloth_kept_factor: Unsloth backend: multiplies :func:`unsloth_kept_bytes_per_token`
+            (what Unsloth's fused layers keep, counted) for every layer that is not
+            checkpointed (partial or no checkpointing). 1.0, the count as it is: 6-10 % above
+            what the H200 runs on realistic rows kept (``bench/speed/run6-data``: 8B with 28
+            of 32 layers kept, 1B with 14 of 16, both T = 12,949; VRAM.md).
         dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
             does not list the skipped modules (Unsloth: "<10 % more VRAM than BnB 4bit").
         host_base_bytes: Host RAM of the training process without offload (Python, CUDA
@@ -101,8 +105,9 @@ class Calibration:
     cuda_context_bytes: int = 1024 * MIB
     unsloth_gpu_checkpoints: int = 2
     dynamic_4bit_allowance: float = 0.10
-    uncheckpointed_factor: float = 0.91
+    uncheckpointed_factor: float = 1.0
     no_checkpoint_factor: float = 1.0
+    unsloth_kept_factor: float = 1.0
     host_base_bytes: int = 8 * GIB
     host_offload_factor: float = 2.0
     provenance: str = (
@@ -235,11 +240,54 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
     total += 2 * a * h  # input of q/k/v (shared) and of gate/up (shared)
     total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
     if shape.qk_norm:
-        total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
+        if t.backend == "unsloth" and not shape.fp32_norm:
+            # Unsloth's Qwen3 attention norms q and k with its fused RMS kernel (input kept in
+            # the compute dtype, one fp32 per row): run7's Qwen3-1.7B grid points.
+            total += a * (q + kv)
+        else:
+            total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
     total += 2 * a * q  # attention output, and its contiguous copy into o_proj
     total += 4 * a * f  # gate out, up out, act(gate), act(gate)*up (input of down_proj)
     total += a * t.lora_r * len(t.target_modules)  # LoRA A outputs
     return float(total)
+
+
+def unsloth_kept_bytes_per_token(shape: ModelShape, t: TrainingShape) -> float:
+    """Bytes one *uncheckpointed* decoder layer keeps for backward under Unsloth, per token.
+
+    Unsloth's fused autograd functions save far less than the generic hand count
+    (:func:`layer_activation_bytes_per_token`, which is right for the transformers path and
+    sizes the working set of a recomputed layer): ``Fast_RMS_Layernorm`` keeps its input and
+    one fp32 reciprocal per row (not an fp32 copy plus the normalised tensor); ``LoRA_QKV``
+    and ``LoRA_MLP`` keep their input ``X`` and recompute ``X @ A`` in backward; ``LoRA_MLP``
+    keeps the gate and up outputs and recomputes ``act(gate) * up``; RoPE works in place, so
+    q, k, v are kept once, by the flash kernel; the attention output is kept once, as the
+    input of ``o_proj``. bench/speed/run6-data measured 101 KiB/token/layer at 8B against this
+    count's 108 (-6 %), 52 against 58 at 1B (-10 %): :attr:`Calibration.unsloth_kept_factor`.
+    """
+    a = _act_bytes(t)
+    h, f, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
+    total = shape.norms_per_layer * (a * h + 4)  # each norm's input + fp32 1/rms per row
+    total += 2 * a * h  # the pre-norms' outputs: the inputs of LoRA_QKV and LoRA_MLP
+    total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
+    if shape.qk_norm:
+        total += a * (q + kv)  # q_norm / k_norm inputs
+    total += a * q  # attention output = o_proj's input
+    total += 2 * a * f  # gate and up outputs
+    return float(total)
+
+
+def _kept_per_token(shape: ModelShape, t: TrainingShape, cal: Calibration, counted: float) -> float:
+    """Bytes an uncheckpointed layer keeps per token (backend-specific, see above).
+
+    Gemma (fp32 norms) keeps the generic count under Unsloth too: Unsloth compiles Gemma 3's
+    blocks from transformers' code instead of using its fused Llama-style layers, and no
+    Gemma point was measured."""
+    if t.backend == "unsloth" and not shape.fp32_norm:
+        return unsloth_kept_bytes_per_token(shape, t) * cal.unsloth_kept_factor
+    return counted * (
+        cal.uncheckpointed_factor if t.gradient_checkpointing else cal.no_checkpoint_factor
+    )
 
 
 def _checkpointed(shape: ModelShape, t: TrainingShape) -> int:
@@ -267,15 +315,16 @@ def _uncheckpointed_excess(
     """
     n = shape.num_layers - _checkpointed(shape, t)
     tokens = t.tokens
-    kept = int(n * tokens * counted * cal.uncheckpointed_factor)
+    per = _kept_per_token(shape, t, cal, counted)
+    kept = int(n * tokens * per)
     transient = int(tokens * _backward_transient_per_token(shape, t))
     excess = max(0, kept + max(transient, loss) - max(working, loss))
     return VramTerm(
         "uncheckpointed_activations",
         excess,
-        f"last {n} layers not checkpointed: {n} x {counted / 1024:.0f} KiB/token x "
-        f"{tokens} tokens x {cal.uncheckpointed_factor:g} (partial checkpointing), "
-        "beyond the recompute phase",
+        f"last {n} layers not checkpointed: {n} x {per / 1024:.0f} KiB/token x "
+        f"{tokens} tokens ({t.backend} keeps, partial checkpointing), beyond the recompute "
+        "phase",
     )
 
 
@@ -431,16 +480,16 @@ def estimate(
     counted = layer_activation_bytes_per_token(shape, t)
     host_offload = 0
     if not t.gradient_checkpointing:
-        # Not measured: every layer keeps its saved activations; the backward transients of
-        # one layer come on top (first principles, see VRAM.md).
-        per_layer = counted * cal.no_checkpoint_factor
+        # Every layer keeps its saved activations (Unsloth: its own, smaller count, fitted
+        # on partial checkpointing); the backward transients of one layer come on top.
+        per_layer = _kept_per_token(shape, t, cal, counted)
         kept = int(shape.num_layers * tokens * per_layer + tokens * a * h)
         terms.append(
             VramTerm(
                 "activations",
                 kept,
                 f"all {shape.num_layers} layers kept: "
-                f"{counted / 1024:.0f} KiB/token/layer x {tokens} tokens",
+                f"{per_layer / 1024:.0f} KiB/token/layer x {tokens} tokens",
             )
         )
         working = int(tokens * _backward_transient_per_token(shape, t))

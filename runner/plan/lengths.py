@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import DataError
+from runner.local_files import read_file
 
 CHARS_PER_TOKEN = 3.6
 """Characters per token assumed when no tokenizer is available (see the module docstring)."""
@@ -188,24 +189,26 @@ def read_text_lengths(path: Path, tokenize: object | None = None) -> list[int]:
     Raises:
         DataError: the file cannot be read or a row is not JSON (``path: row N: ...``).
     """
+    raw = read_file(path, what="dataset", error=DataError)  # a regular file, never a FIFO
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}; re-save it as UTF-8") from e
     try:
         if path.suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
             records = data if isinstance(data, list) else None
             if records is None:
                 raise DataError(f"{path}: a .json dataset must hold a list of rows")
         else:
             records = []
-            with path.open(encoding="utf-8") as fh:
-                for no, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except ValueError as e:
-                            raise DataError(f"{path}: row {no}: not JSON ({e})") from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the dataset: {e.strerror or e}") from e
-    except ValueError as e:
+            for no, line in enumerate(text.split("\n"), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except (ValueError, RecursionError) as e:
+                        raise DataError(f"{path}: row {no}: not JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # an integer too long, nesting too deep
         raise DataError(f"{path}: not JSON ({e})") from e
     out = []
     for rec in records:
@@ -218,11 +221,13 @@ def read_text_lengths(path: Path, tokenize: object | None = None) -> list[int]:
 
 
 def _strings(value: object) -> Iterable[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
+    # Iterative: a row nested hundreds of levels deep (valid JSON) costs no stack.
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            stack.extend(reversed(list(node.values())))
+        elif isinstance(node, list):
+            stack.extend(reversed(node))

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from runner.errors import SpecError, StorageError
+from runner.local_files import access_problem, check_model_dir, is_file, read_file
 from runner.plan.config_schema import parse_model_config, read_model_config
 from runner.plan.gguf_header import gguf_config, is_gguf_source
 from runner.settings import Settings
@@ -80,22 +81,43 @@ def hf_cache_dirs() -> list[Path]:
     return dirs
 
 
-def _from_hf_cache(repo: str, revision: str) -> ModelConfig | None:
-    """``config.json`` of ``repo`` at ``revision`` from a local hub cache, if present."""
+def hf_snapshot_dir(repo: str, revision: str) -> Path | None:
+    """The snapshot directory of ``repo`` at ``revision`` in a local hub cache, if present.
+
+    Raises:
+        SpecError: a cache directory, ref or snapshot the runner may not read (exit code 2).
+    """
     folder = "models--" + repo.replace("/", "--")
     for cache_dir in hf_cache_dirs():
         root = cache_dir / folder
         snapshots = root / "snapshots"
-        if not snapshots.is_dir():
-            continue
-        ref = root / "refs" / revision
-        commit = ref.read_text().strip() if ref.is_file() else revision
-        candidates = sorted(p for p in snapshots.iterdir() if p.name.startswith(commit))
+        label = f"spec.model.source: hf://{repo}@{revision}"
+        try:
+            if not snapshots.is_dir():
+                continue
+            ref = root / "refs" / revision
+            commit = (
+                read_file(ref, max_bytes=4096, what="ref").decode("utf-8", "replace").strip()
+                if is_file(ref, label)
+                else revision
+            )
+            candidates = sorted(p for p in snapshots.iterdir() if p.name.startswith(commit))
+        except OSError as e:
+            raise SpecError(f"{label}: {snapshots}: {access_problem(e, directory=True)}") from e
         for snap in candidates:
-            cfg = snap / "config.json"
-            if cfg.is_file():
-                return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+            check_model_dir(snap, label)
+            if is_file(snap / "config.json", label):
+                return snap
     return None
+
+
+def _from_hf_cache(repo: str, revision: str) -> ModelConfig | None:
+    """``config.json`` of ``repo`` at ``revision`` from a local hub cache, if present."""
+    snap = hf_snapshot_dir(repo, revision)
+    if snap is None:
+        return None
+    cfg = snap / "config.json"
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
 
 
 def _from_s3(uri: str, settings: Settings) -> ModelConfig:
@@ -172,8 +194,8 @@ def load_model_config(spec: JobSpec, settings: Settings) -> ModelConfig:
             )
         return found
     path = Path(source)
-    cfg = path / "config.json" if path.is_dir() or not path.suffix else path
-    if not cfg.is_file():
+    cfg = _local_config_path(path)
+    if not is_file(cfg, "spec.model.source"):
         raise SpecError(
             f"spec.model.source: {cfg} does not exist; a local model is a directory with "
             "config.json (and its weights)"
@@ -196,6 +218,19 @@ def offline_model_config(spec: JobSpec) -> ModelConfig | None:
     if model.source_kind is ModelSourceKind.HF:
         repo, revision = model.hf_repo
         return _from_hf_cache(repo, revision) or bundled_config(repo)
-    path = Path(model.source)
-    cfg = path / "config.json" if path.is_dir() or not path.suffix else path
-    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg)) if cfg.is_file() else None
+    cfg = _local_config_path(Path(model.source))
+    if not is_file(cfg, "spec.model.source"):
+        return None
+    return ModelConfig(_read_json(cfg, str(cfg)), str(cfg))
+
+
+def _local_config_path(path: Path) -> Path:
+    """The ``config.json`` of a local model source, after checking its directory's files.
+
+    Raises:
+        SpecError: the directory or one of its model files is not readable (exit code 2).
+    """
+    check_model_dir(path, "spec.model.source")
+    if path.is_dir() or not path.suffix:
+        return path / "config.json"
+    return path

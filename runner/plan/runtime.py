@@ -69,7 +69,7 @@ def count_local_dataset(spec: JobSpec) -> DatasetSize | None:
                 size += path.stat().st_size
             else:
                 return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
     if ds.max_samples is not None and rows > ds.max_samples:
         size = int(size * ds.max_samples / rows)

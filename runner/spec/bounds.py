@@ -31,6 +31,7 @@ import importlib
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -44,6 +45,7 @@ import yaml.resolver
 import yaml.scanner
 
 from runner.errors import SpecError
+from runner.local_files import read_file
 
 # libyaml's parser emits the events ~10x faster; the counting composer stays Python.
 _FastParser: Any = (
@@ -186,27 +188,93 @@ def _check_unique_keys(node: yaml.nodes.MappingNode) -> None:
         seen[key.value] = key
 
 
+MAX_INT_DIGITS = 100
+"""Digits of an integer scalar (Python refuses to convert more than 4300 anyway)."""
+
+
 class _Constructor(yaml.constructor.SafeConstructor):
-    """SafeConstructor; a mapping is built once per node, never re-walked for merges."""
+    """SafeConstructor building YAML 1.2 core values; a mapping is built once per node.
+
+    Explicit tags (``!!bool yes``) go through the same strict rules as plain scalars, so a
+    tag cannot smuggle a YAML 1.1 boolean or a sexagesimal number past the resolver.
+    """
+
+    def construct_yaml_bool(self, node: Any) -> bool:
+        value = str(self.construct_scalar(node))
+        if value.lower() not in ("true", "false"):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!bool {value!r} is not a boolean; write true or false",
+                node.start_mark,
+            )
+        return value.lower() == "true"
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value = str(self.construct_scalar(node))
+        if not _INT_RE.fullmatch(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!int {value[:40]!r} is not an integer", node.start_mark
+            )
+        digits = value.lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"an integer of {len(digits)} digits (limit {MAX_INT_DIGITS})",
+                node.start_mark,
+            )
+        sign = -1 if value.startswith("-") else 1
+        if digits.startswith("0x"):
+            return sign * int(digits[2:], 16)
+        if digits.startswith("0o"):
+            return sign * int(digits[2:], 8)
+        return sign * int(digits, 10)  # YAML 1.2: a leading zero is not octal
+
+    def construct_yaml_float(self, node: Any) -> float:
+        value = str(self.construct_scalar(node))
+        low = value.lower()
+        if low in (".inf", "+.inf", "-.inf", ".nan"):
+            return float(low.replace(".", ""))
+        if not _FLOAT_RE.fullmatch(value) and not _INT_RE.fullmatch(value):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"!!float {value[:40]!r} is not a number", node.start_mark
+            )
+        if len(value) > MAX_INT_DIGITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(value)} characters (limit {MAX_INT_DIGITS})",
+                node.start_mark,
+            )
+        return float(self.construct_yaml_int(node)) if _INT_RE.fullmatch(value) else float(value)
 
 
-class _Resolver(yaml.resolver.Resolver):
-    """YAML 1.2 booleans (``true``/``false`` only) and exponent floats without a dot."""
+for _tag, _method in (
+    ("bool", _Constructor.construct_yaml_bool),
+    ("int", _Constructor.construct_yaml_int),
+    ("float", _Constructor.construct_yaml_float),
+):
+    _Constructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _method)  # type: ignore[type-var]
+for _tag in ("timestamp", "value", "yaml"):  # YAML 1.1 types: never built, even when tagged
+    _Constructor.yaml_constructors.pop(f"tag:yaml.org,2002:{_tag}", None)
 
 
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Resolver.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
-}
-_Resolver.add_implicit_resolver(
-    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+class _Resolver(yaml.resolver.BaseResolver):
+    """The YAML 1.2 core schema: null, ``true``/``false``, decimal/0x/0o ints, floats.
+
+    Everything else is a string: ``yes``, ``on``, ``y`` (YAML 1.1 booleans), ``1:20``
+    (sexagesimal), ``1_000``, ``2001-12-14`` (timestamps), ``=``. Merge keys stay.
+    """
+
+
+_INT_RE = re.compile(r"[-+]?(?:[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)")
+_FLOAT_RE = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+    r"|\.(?:nan|NaN|NAN)"
 )
-_Resolver.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9]+[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+for _tag, _regexp, _first in (
+    ("null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("int", re.compile(f"^(?:{_INT_RE.pattern})$"), list("-+0123456789")),
+    ("float", re.compile(f"^(?:{_FLOAT_RE.pattern})$"), list("-+0123456789.")),
+    ("merge", re.compile(r"^(?:<<)$"), ["<"]),
+):
+    _Resolver.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", _regexp, _first)
 
 
 if _FastParser is not None:
@@ -275,6 +343,37 @@ def parse_yaml(text: str, source: str, limits: Limits = DEFAULT_LIMITS) -> objec
         dispose = getattr(loader, "dispose", None)
         if dispose is not None:
             dispose()
+
+
+def decode_text(raw: bytes, source: str, what: str = "spec") -> str:
+    """File bytes as text: UTF-8 (a byte-order mark is tolerated), nothing else.
+
+    Raises:
+        SpecError: the bytes are UTF-16/32 or not valid UTF-8, naming the byte offset.
+    """
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
+        raise SpecError(f"{source}: the {what} is UTF-16 or UTF-32 encoded; save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            f"{source}: not valid UTF-8 at byte {e.start}; save the {what} as UTF-8"
+        ) from None
+
+
+def load_yaml_file(
+    path: Path, *, what: str, label: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> object:
+    """Read and parse a YAML file other than a spec (a values file, the GPU class table) with
+    the same bounds and the same YAML 1.2 reading as a spec.
+
+    Raises:
+        SpecError: unreadable, not a regular file, too large, not UTF-8, not YAML, or a limit
+            crossed (exit code 2).
+    """
+    where = label or str(path)
+    raw = read_file(path, where, max_bytes=limits.max_bytes, what=what)
+    return parse_yaml(decode_text(raw, where, what), where, limits)
 
 
 def check_document(doc: object, source: str, limits: Limits = DEFAULT_LIMITS) -> None:

@@ -21,7 +21,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from runner.errors import SpecError
-from runner.spec.bounds import DEFAULT_LIMITS, check_document, check_size, parse_yaml
+from runner.local_files import access_problem
+from runner.spec.bounds import (
+    DEFAULT_LIMITS,
+    check_document,
+    check_size,
+    decode_text,
+    parse_yaml,
+)
 from runner.spec.model import JobSpec
 
 DEFAULT_SPEC_PATH = "/etc/qlora/job.yaml"
@@ -85,7 +92,7 @@ def load_spec(path: str | os.PathLike[str], *, hint: str | None = None) -> JobSp
     except IsADirectoryError as e:
         raise SpecError(f"{p}: is a directory; pass the spec file itself") from e
     except OSError as e:
-        raise SpecError(f"{p}: cannot read the spec: {e.strerror or e}") from e
+        raise SpecError(f"{p}: cannot read the spec: {access_problem(e)}") from e
     check_size(len(raw), str(p))
     return load_spec_text(decode_spec_bytes(raw, str(p)), source=str(p))
 
@@ -96,14 +103,7 @@ def decode_spec_bytes(raw: bytes, source: str) -> str:
     Raises:
         SpecError: the bytes are UTF-16/32 or not valid UTF-8, naming the byte offset.
     """
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(raw) > 1 and b"\x00" in raw[:4]):
-        raise SpecError(f"{source}: the spec is UTF-16 or UTF-32 encoded; save it as UTF-8")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise SpecError(
-            f"{source}: not valid UTF-8 at byte {e.start}; save the spec as UTF-8"
-        ) from None
+    return decode_text(raw, source, "spec")
 
 
 def load_spec_text(text: str, source: str = "<spec>") -> JobSpec:

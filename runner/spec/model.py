@@ -6,16 +6,22 @@ with constraints in the types and cross-field rules in ``model_validator(mode="a
 messages name the field and the fix. Deployment facts (namespace, image, S3 endpoint, GPU class
 table) are not here: they live in :mod:`runner.settings`.
 
-Types are strict where a wrong value would widen what runs or what is reachable, and plain
-everywhere else only where YAML itself makes that necessary; each field is decided on purpose:
+The coercion rule, one for the whole spec (decided once, so no field is lax by accident):
+every value must have its field's real type, as YAML 1.2 / JSON write it. The loader reads YAML
+with the 1.2 core schema (:mod:`runner.spec.bounds`), so what a scalar is does not depend on
+YAML 1.1 guesses, and pydantic then converts nothing:
 
 * **Booleans** (``model.trust_remote_code`` first of all, ``metrics.enabled``, ...) are
   :data:`StrictBool`: only a YAML/JSON ``true`` or ``false``. ``"yes"``, ``"on"``, ``1`` and
-  the quoted string ``"true"`` are errors, so nothing but a literal ``true`` turns remote code on.
-* **Whole numbers** are :data:`StrictInt`: no booleans (``true`` is not ``1``), no strings, no
-  ``16.0``.
-* **Real numbers** are :data:`Real`: ints and floats, and a numeric string only because PyYAML
-  (YAML 1.1) reads ``2e-4`` as a string; never a boolean, never inf or NaN.
+  the quoted string ``"true"`` are errors (and so is ``!!bool yes``), so nothing but a literal
+  ``true`` turns remote code on.
+* **Whole numbers** are :data:`StrictInt` (``lora.r``, ``training.max_steps``,
+  ``resources.gpus_per_node`` and ``resources.nodes``, which decide how many GPUs a job takes,
+  ``metrics.port``, ...): no booleans (``true`` is not ``1``), no strings, no ``16.0``.
+* **Real numbers** are :data:`Real`: ints and floats written as numbers; never a string
+  (``"2e-4"``), a boolean, inf or NaN. The loader reads YAML 1.2 numbers, so an unquoted
+  ``2e-4`` is a number, as in JSON; ``0x10`` and ``0o17`` are ints, ``1:20``, ``1_000`` and
+  ``020``-as-octal are not (YAML 1.1 relics: see :mod:`runner.spec.bounds`).
 * **Strings** are never made from numbers or booleans (pydantic's default). URIs and paths
   (``model.source``, ``dataset.sources``, ``output.uri``, ``metrics.pushgateway_url``) are
   checked for their scheme: anything else is an error, never a fallback. Credentials in a URI
@@ -65,21 +71,18 @@ MAX_TARGET_MODULES = 64
 
 
 def _real(value: object) -> object:
-    """A finite real number; a numeric string is read as one (PyYAML reads ``2e-4`` as text)."""
+    """A finite real number written as a number: never a string, a boolean, inf or NaN."""
     if isinstance(value, bool):
         raise ValueError(f"must be a number, not a boolean (got {value!r})")
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"must be a number (got {value!r})") from None
+        raise ValueError(f"must be a number, unquoted (got the string {value[:40]!r})")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"must be a finite number (got {value!r})")
     return value
 
 
 Real = Annotated[float, BeforeValidator(_real)]
-"""A float field: ints, floats and numeric strings; never a boolean, inf or NaN."""
+"""A float field: ints and floats only; never a string, a boolean, inf or NaN."""
 
 
 class _Section(BaseModel):
@@ -401,20 +404,20 @@ class ResourcesSpec(_Section):
     )
     # Data parallelism (torchrun + DDP): every GPU holds the whole model and trains on its own
     # share of each optimizer step; the planner keeps the effective batch the same.
-    gpus_per_node: Auto | Annotated[int, Field(ge=1, le=16)] = Field(
+    gpus_per_node: Auto | Annotated[StrictInt, Field(ge=1, le=16)] = Field(
         1,
         description="GPUs per node (one pod per node, torchrun starts one rank per GPU); "
         "'auto' lets the planner add GPUs when a deadline_hours goal needs them.",
     )
-    nodes: Auto | Annotated[int, Field(ge=1, le=64)] = Field(
+    nodes: Auto | Annotated[StrictInt, Field(ge=1, le=64)] = Field(
         1,
         description="Nodes (pods) the job spans; more than 1 renders an Indexed Job with a "
         "headless Service; 'auto' lets the planner add nodes for a deadline_hours goal.",
     )
-    deadline_hours: float | None = Field(
+    deadline_hours: (
+        Annotated[float, Field(gt=0, le=24 * 90), BeforeValidator(_real)] | None
+    ) = Field(
         None,
-        gt=0,
-        le=24 * 90,
         description="Wall-time goal: with gpus_per_node or nodes 'auto' the planner picks the "
         "fewest GPUs whose runtime estimate meets it (the dataset must be local or "
         "training.max_steps set).",

@@ -28,6 +28,8 @@ from runner.storage.ports import ObjectStore
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+"""A manifest lists files and metadata (kilobytes); anything this large is not one."""
 """Version of the manifest layout; readers refuse newer ones."""
 
 _RESERVED = frozenset({"format_version", "files"})
@@ -204,8 +206,14 @@ def inspect_committed(
     """
     prefix = check_key(prefix.strip("/"), allow_empty=True)
     manifest_key = join_key(prefix, MANIFEST_NAME)
-    if store.head(manifest_key) is None:
+    info = store.head(manifest_key)
+    if info is None:
         return None, [f"{store.uri(manifest_key)}: missing (nothing committed here)"]
+    if info.size > MAX_MANIFEST_BYTES:  # not read: a tampered manifest must not fill memory
+        return None, [
+            f"{store.uri(manifest_key)}: invalid manifest: {info.size} bytes (limit "
+            f"{MAX_MANIFEST_BYTES}); not a manifest this runner wrote"
+        ]
     data = store.read(manifest_key)
     try:
         document, entries = parse_manifest(data)
@@ -244,9 +252,11 @@ def parse_manifest(data: bytes) -> tuple[dict[str, Any], list[FileEntry]]:
     Raises:
         ValueError: naming the first invalid field.
     """
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{len(data)} bytes (limit {MAX_MANIFEST_BYTES})")
     try:
         document = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # not UTF-8/JSON, a huge integer, too deep
         raise ValueError(f"not JSON ({e})") from e
     if not isinstance(document, dict):
         raise ValueError("not a JSON object")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import DataError, missing_extra
+from runner.local_files import read_file
 from runner.spec.model import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,7 @@ def _local_path(source: str, label: str, fetcher: Fetcher | None) -> Path:
 def _read_bytes(path: Path, label: str, source: str) -> bytes:
     if path.suffix.lower() not in SUFFIXES:
         raise DataError(f"{label}: {source}: unsupported file type; use {', '.join(SUFFIXES)}")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{label}: {source}: no such file") from e
-    except OSError as e:
-        raise DataError(f"{label}: {source}: cannot read: {e.strerror or e}") from e
+    return read_file(path, f"{label}: {source}", what="dataset", error=DataError)
 
 
 def _parse(raw: bytes, path: Path, label: str) -> list[Mapping[str, Any]]:

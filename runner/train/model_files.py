@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from runner.errors import RunnerError, SpecError, missing_extra
+from runner.local_files import check_model_dir, is_file
 from runner.plan.config_schema import parse_model_config, read_config_bytes
 from runner.plan.gguf_header import GGUF_SUFFIX, is_gguf_source
-from runner.plan.model_config import hf_cache_dirs
+from runner.plan.model_config import hf_cache_dirs, hf_snapshot_dir
 from runner.spec.model import ModelSourceKind, ModelSpec
 from runner.train.tokenizer_files import check_tokenizer_files, diagnose_tokenizer_failure
 
@@ -88,8 +89,10 @@ def resolve_model(
     else:
         path = Path(spec.source)
         model_id = path.resolve().name
+    # Every model file a library will open is a readable plain file (else exit 2 naming it).
+    check_model_dir(path, "spec.model.source")
     config = path / "config.json"
-    if not config.is_file():
+    if not is_file(config, "spec.model.source"):
         raise SpecError(
             f"spec.model.source: {spec.source}: no config.json in {path}; point it at a model "
             "directory (build the tiny test model with: python -m runner.train.tiny DIR)"
@@ -130,16 +133,9 @@ def raise_model_load_error(model_dir: Path, error: Exception) -> NoReturn:
 
 
 def _hf_snapshot(repo: str, revision: str) -> tuple[Path, str]:
-    folder = "models--" + repo.replace("/", "--")
-    for cache in hf_cache_dirs():
-        root = cache / folder
-        ref = root / "refs" / revision
-        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
-        snapshots = root / "snapshots"
-        if snapshots.is_dir():
-            for snap in sorted(snapshots.iterdir()):
-                if snap.name.startswith(commit) and (snap / "config.json").is_file():
-                    return snap, snap.name
+    found = hf_snapshot_dir(repo, revision)
+    if found is not None:
+        return found, found.name
     raise SpecError(
         f"spec.model.source: hf://{repo}@{revision} is not in the local Hugging Face cache "
         f"({', '.join(str(d) for d in hf_cache_dirs())}); jobs never download from a hub: "

@@ -58,6 +58,8 @@ MAX_RENDER_S = 10.0
 """Wall-clock limit of one render, checked as work is charged."""
 MAX_INT_ARG = 100_000
 """Largest integer a template may pass to a function or filter (jinja2's own range limit)."""
+MAX_WRAP_CHARS = 64 * 1024
+"""Longest text the ``wordwrap`` filter may wrap (its cost grows with the square of a word)."""
 MAX_INT_BITS = 4096
 """Largest integer result of ``*`` and ``**``."""
 _SIZE_UNIT = 1024
@@ -485,6 +487,11 @@ def _check_format(budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) ->
 
 def _check_wordwrap(budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Any, ...]:
     text = str(args[0]) if args else ""
+    if len(text) > MAX_WRAP_CHARS:  # textwrap is quadratic in a long word: time, not size
+        raise TemplateBudgetError(
+            f"wraps a text of {len(text)} characters (limit {MAX_WRAP_CHARS}); wrapping "
+            "costs time quadratic in the text"
+        )
     wrap = kw.get("wrapstring") or (args[3] if len(args) > 3 else None) or "\n"
     budget.allow_size(len(text) * (1 + len(str(wrap))), "a wrapped text")
     return args

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runner.errors import SpecError
+from runner.local_files import read_file
 
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -121,14 +122,7 @@ def diagnose_tokenizer_failure(model_dir: Path, error: BaseException) -> SpecErr
 
 
 def _parse(path: Path, limit: int | None = MAX_SMALL_FILE_BYTES) -> Any:
-    try:
-        if limit is not None and path.stat().st_size > limit:
-            raise SpecError(
-                f"{path}: {path.stat().st_size} bytes is too large for a tokenizer file"
-            )
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from e
+    raw = read_file(path, max_bytes=limit, what="tokenizer file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
