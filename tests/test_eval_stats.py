@@ -126,3 +126,11 @@ def test_accuracy_improve_needs_an_exact_sign_test_on_the_flipped_rows(
     assert (gain.low > 0) is passes
     r = _report([3.0] * 24, [2.0] * 24, base, adapter)
     assert r.gate_passed is passes
+
+
+def test_qlora_eval_reapplies_the_gate_the_run_was_published_under() -> None:
+    from runner.eval_adapter import run_gate
+
+    gate = {"loss": "improve", "accuracy": "not-worse", "confidence": 0.9, "passed": True}
+    assert run_gate({"evaluation": {"gate": gate}}) == GateRule("improve", "not-worse", 0.9)
+    assert run_gate({"evaluation": None}) == GateRule() == GateRule(accuracy="improve")

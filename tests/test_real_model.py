@@ -71,8 +71,7 @@ def _spec(
     s["model"]["source"] = str(data / "SmolLM2-135M-Instruct.Q4_1.gguf")
     s["dataset"].update(sources=[str(train)], max_samples=160)
     s["evaluation"].update(sources=[str(data / "test.jsonl")], max_rows=24)
-    if gate:
-        s["evaluation"]["gate"] = gate
+    s["evaluation"]["gate"] = dict(gate)  # none given: the default gate, not the example's
     s["training"].update(max_steps=6, micro_batch_size=4, learning_rate=2e-3)
     s["output"]["uri"] = f"file://{tmp / 'store' / name}"
     if edit is not None:
