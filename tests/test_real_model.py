@@ -129,7 +129,7 @@ def test_dynamic_4bit_keeps_the_modules_its_sensitivity_ranking_names(
     def dynamic(s: dict[str, Any]) -> None:
         s["quantization"].update(mode="dynamic-4bit", dynamic_budget_mib=8, calibration_rows=2)
         s["dataset"]["max_samples"] = 24
-        s["training"].update(max_steps=1)
+        s["training"].update(max_steps=1, warmup_ratio=0.0)
         s["evaluation"] = {"enabled": False}
 
     spec = _spec(tmp_path, quartz, "quartz-dyn4", quartz / "train.jsonl", edit=dynamic)
