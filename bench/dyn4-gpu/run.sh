@@ -5,8 +5,7 @@
 set -uo pipefail
 out=${1:?OUT}
 mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ../../.whl/*.whl \
-  && python3 -m compileall -q /tmp/site >/dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ../../.whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.csv" 2>&1
 python3 -c 'import json; from runner.recipe import library_versions as v; print(json.dumps(v()))' \
