@@ -7,8 +7,8 @@ every linear module inside the decoder layers (the ones bitsandbytes would quant
     score = ||x Ŵᵀ - x Wᵀ||_F / ||x Wᵀ||_F
 
 where ``x`` are the module's real inputs when the 16-bit model runs the first
-``quantization.calibration_rows`` training rows of this job (all their tokens, one row per
-forward pass, so no padding is scored), ``W`` its weight as the training load stores it
+``quantization.calibration_rows`` training rows of this job (all their tokens, one padded
+batch through the decoder; padding is not scored), ``W`` its weight as the training load stores it
 (the compute dtype), and ``Ŵ = dequantize_4bit(quantize_4bit(W))`` with bitsandbytes' own
 functions, the quantization type, block size 64 and double quant the training load uses. It is
 the error each module's output gets from its own rounding, on this job's data, not the
@@ -17,8 +17,8 @@ high). Modules are then ranked and kept within the planner's budget by the pure
 :func:`runner.plan.dynamic_quant.select`.
 
 The 16-bit copy is loaded once on the CPU (host RAM, which the plan counts), never on the
-GPU, and freed before training loads the model; the cost is one forward pass per row plus
-one rounding and one extra matmul per module.
+GPU, and freed before training loads the model; the cost is one forward pass of the rows
+through the decoder plus one nf4 round trip and one extra matmul per module.
 """
 
 from __future__ import annotations
@@ -107,9 +107,10 @@ def measure(
                     compress_statistics=precision.double_quant,
                 )
                 rounded[name] = bnb_f.dequantize_4bit(q, state).float()
-            x = args[0].float()
-            y = x @ w.float().T
-            dy = x @ rounded[name].T - y
+            x = args[0][valid].float()  # the real tokens of the padded batch
+            y = out[valid].float()
+            bias = module.bias.float() if module.bias is not None else 0.0
+            dy = x @ rounded[name].T + bias - y
             err[name] = err.get(name, 0.0) + float(dy.pow(2).sum())
             ref[name] = ref.get(name, 0.0) + float(y.pow(2).sum())
 
@@ -118,10 +119,16 @@ def measure(
     linears = decoder_linears(model)
     params = {n: int(m.weight.numel()) for n, m in linears.items()}
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.tensor([list(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rows])
+    mask = torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids)) for r in rows])
+    valid = mask.bool()
+    # The decoder alone: the logits are not needed, and the LM head is a large part of the
+    # forward pass of a small model.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     try:
         with torch.no_grad():
-            for row in rows:
-                model(input_ids=torch.tensor([list(row.input_ids)]))
+            decoder(input_ids=ids, attention_mask=mask)
     finally:
         for h in handles:
             h.remove()
