@@ -118,7 +118,12 @@ def test_gate_fails_for_an_adapter_trained_on_shuffled_answers(
     assert any("evaluation.gate.accuracy" in d for d in err.value.details)
     report = json.loads((tmp_path / "work" / "quartz-shuffled" / recipe.EVAL_REPORT).read_text())
     assert report["gate"]["passed"] is False and report["adapter"]["accuracy"] is not None
-    assert not (tmp_path / "store" / "quartz-shuffled").exists()  # nothing published
+    # Nothing published (the last checkpoint is kept, as after any failure, for a resume).
+    store = tmp_path / "store" / "quartz-shuffled"
+    assert not (store / "latest.json").exists() and not (store / "runs").exists()
+    # The loss fell far beyond noise (the format was learned): only the accuracy rule refused.
+    assert report["loss_gain"]["low"] > 0
+    assert not any("evaluation.gate.loss" in d for d in err.value.details)
 
 
 def test_dynamic_4bit_keeps_the_modules_its_sensitivity_ranking_names(
