@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ def evaluate_published(
             choices_field=choices_field,
         )
         report = evaluate(
-            session, items, scoring=used, rule=rule or GateRule(), split=", ".join(data)
+            session, items, scoring=used, rule=rule or run_gate(manifest), split=", ".join(data)
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -108,6 +108,19 @@ def evaluate_published(
         "precision": vars(precision),
     }
     return report, identity
+
+
+def run_gate(manifest: Mapping[str, Any]) -> GateRule:
+    """The gate the run itself was published under (its manifest), else the default."""
+    gate = (manifest.get("evaluation") or {}).get("gate") or {}
+    try:
+        return GateRule(
+            str(gate.get("loss", GateRule.loss)),
+            str(gate.get("accuracy", GateRule.accuracy)),
+            float(gate.get("confidence", GateRule.confidence)),
+        )
+    except (TypeError, ValueError):
+        return GateRule()
 
 
 def _for_this_machine(precision: Any) -> Any:

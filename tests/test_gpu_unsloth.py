@@ -4,7 +4,9 @@ A small random Llama-shaped model (real head size 64, so Unsloth's kernels take 
 path) learns the bundled antonym chat data with completion-only loss; the run must publish an
 adapter whose manifest says it was trained by Unsloth, passed both verifications and lists
 files whose sha256 match what is in the store. A second run loads a pre-quantized bitsandbytes
-4-bit checkpoint (the layout of ``*-unsloth-bnb-4bit`` directories) as it is.
+4-bit checkpoint (the layout of ``*-unsloth-bnb-4bit`` directories) as it is; a third runs
+dynamic 4-bit on the 16-bit checkpoint, the kept modules passed to Unsloth's loader as
+bitsandbytes' skip list.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _prequantize(src: Path, out: Path) -> Path:
     return out
 
 
-def _spec(tmp: Path, model: Path, name: str, mode: str) -> Path:
+def _spec(tmp: Path, model: Path, name: str, mode: str, quant: str = "") -> Path:
     spec = f"""
 apiVersion: qlora-runner.io/v1alpha1
 kind: FineTuneJob
@@ -89,7 +91,7 @@ spec:
     alpha: 32
   quantization:
     mode: {mode}
-    compute_dtype: bfloat16
+    compute_dtype: bfloat16{quant}
   training:
     backend: unsloth
     max_steps: 30
@@ -173,3 +175,27 @@ def test_prequantized_checkpoint_loads_as_is(tmp_path: Path) -> None:
     _qlora_run(_spec(tmp_path, quantized, "gpu-prequant", "dynamic-4bit"), tmp_path)
     meta = _check_published(tmp_path / "store" / "gpu-prequant")
     assert any("pre-quantized" in note for note in meta["training"]["notes"])
+    dyn = meta["training"]["dynamic_4bit"]
+    assert dyn["prequantized"] is True and "down_proj" in dyn["skip_modules"]
+    assert dyn["loaded_16bit"] == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+
+
+def test_dynamic_4bit_through_unsloth_keeps_the_ranked_modules(tmp_path: Path) -> None:
+    """A 16-bit checkpoint with dynamic-4bit: the runner measures the 14 linear modules' nf4
+    output error, keeps the most sensitive within 0.5 MiB, and Unsloth's loader (given a
+    BitsAndBytesConfig with that skip list) holds exactly those in 16 bit."""
+    from runner.plan.dynamic_quant import ModuleScore, select
+
+    model = _build_small_llama(tmp_path / "small-llama")
+    extra = "\n    dynamic_budget_mib: 0.5\n    calibration_rows: 4"
+    _qlora_run(_spec(tmp_path, model, "gpu-dyn4", "dynamic-4bit", extra), tmp_path)
+    meta = _check_published(tmp_path / "store" / "gpu-dyn4")
+    dyn = meta["training"]["dynamic_4bit"]
+    assert dyn["prequantized"] is False and dyn["budget_bytes"] == 2**19
+    ranking = [ModuleScore(**m) for m in dyn["ranking"]]
+    assert len(ranking) == 14
+    kept = [m["name"] for m in dyn["kept"]]
+    assert kept == [m.name for m in select(ranking, dyn["budget_bytes"]).kept]
+    assert 0 < len(kept) < 14
+    assert dyn["loaded_16bit"] == sorted(kept)
+    assert meta["training"]["precision"]["skip_modules"] == kept

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Verify a published adapter (as qlora verify), load it onto the base model "
         "its manifest names, and score base and adapter on the rows of --data: loss and "
         "perplexity on the answer tokens; accuracy with a 95%% interval where rows list "
-        "'choices' (or with --scoring exact-match). The quality gate is the run's default "
-        "(loss improves beyond noise, accuracy not worse beyond noise).\n\n"
+        "'choices' (or with --scoring exact-match). The quality gate is the one the run used "
+        "(its manifest), else the default: loss improves beyond noise and, where answers "
+        "are scored, accuracy improves beyond chance.\n\n"
         "exit codes: 0 gate passed | 4 verification or gate failed | 2 invalid data | "
         "5 storage | 10 training extra missing\n\n"
         "example: qlora eval file://.qlora-store/smollm2-quartz --data held-out.jsonl",
