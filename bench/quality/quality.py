@@ -265,8 +265,7 @@ def ppl_job(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
     examples, _ = tokenize_rows(format_rows(rows, spec, tokenizer, template), tokenizer, 512)
     # Every token after the first is scored, whatever the completion mask says.
     examples = [
-        dataclasses.replace(e, completion_mask=[0] + [1] * (len(e.input_ids) - 1))
-        for e in examples
+        dataclasses.replace(e, completion_mask=[0] + [1] * (len(e.input_ids) - 1)) for e in examples
     ]
     model.eval()
     scores = score_examples(model, examples, int(tokenizer.pad_token_id or 0), 32)
@@ -292,6 +291,11 @@ def _init(args: argparse.Namespace) -> None:
     global _ARGS
     _ARGS = args
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import peft  # noqa: F401  (imported once per worker, while the parent converts)
+    import trl  # noqa: F401
+
+    from runner import recipe  # noqa: F401
+    from runner.train import transformers_backend  # noqa: F401
 
 
 def work(job: tuple[Any, ...]) -> str:
@@ -337,14 +341,15 @@ def drive(args: argparse.Namespace) -> int:
         encoding="utf-8",
     )
     print(f"drive: {len(jobs)} jobs on {args.workers} workers, budget {args.budget_s:.0f}s")
-    # The GGUF is converted once, here, before any worker wants it (no CUDA in this process).
-    from runner.train.gguf_convert import converted_dir
-
-    t0 = time.monotonic()
-    model_dir, sha = converted_dir(args.gguf)
-    print(f"drive: model {model_dir} (sha256 {sha[:12]}) in {time.monotonic() - t0:.0f}s")
     ctx = multiprocessing.get_context("spawn")
+    # The workers import the training stack while this process converts the GGUF, once,
+    # before any job wants it (no CUDA in this process).
     with ctx.Pool(args.workers, initializer=_init, initargs=(args,)) as pool:
+        from runner.train.gguf_convert import converted_dir
+
+        t0 = time.monotonic()
+        model_dir, sha = converted_dir(args.gguf)
+        print(f"drive: model {model_dir} (sha256 {sha[:12]}) in {time.monotonic() - t0:.0f}s")
         for line in pool.imap_unordered(work, jobs, chunksize=1):
             print(f"[{time.time() - started:5.0f}s] {line}", flush=True)
     print(f"drive: done in {time.time() - started:.0f}s")
