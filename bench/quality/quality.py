@@ -174,8 +174,8 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[Any, ...]]:
         dyn = []
     jobs: list[tuple[Any, ...]] = []
     if args.ppl:
-        modes = ["16bit", "4bit", *[f"dynamic-4bit:{b}" for b in args.dyn_budgets if dyn]]
-        jobs += [("ppl", task, mode, 0) for task in args.tasks for mode in modes]
+        # dynamic 4-bit's base perplexity comes with each of its runs (its own skip list)
+        jobs += [("ppl", task, mode, 0) for task in args.tasks for mode in ("16bit", "4bit")]
     for seed in args.seeds:
         for task in args.tasks:
             for name in configs + dyn:
@@ -205,6 +205,8 @@ def run_job(args: argparse.Namespace, task: str, name: str, seed: int) -> dict[s
     path = Path(os.environ["QLORA_WORK_DIR"]) / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
     row: dict[str, Any] = {"kind": "run", "task": task, "config": name, "seed": seed}
+    captured: dict[str, Any] = {}
+    restore = _spy_on_selection(captured) if name.startswith(DYNAMIC_PREFIX) else None
     try:
         result = recipe.run(str(path))
         row["published"] = True
@@ -219,20 +221,59 @@ def run_job(args: argparse.Namespace, task: str, name: str, seed: int) -> dict[s
     except RunnerError as e:
         row["published"] = False
         row["error"] = e.message[:800]
+    finally:
+        if restore is not None:
+            restore()
+    selection = captured.get("selection")
+    if selection is not None:  # what the sensitivity ranking kept, gate passed or not
+        row["dynamic_4bit"] = selection.as_dict()
+        from runner.train.backend import Precision
+
+        precision = Precision(
+            quant_mode="dynamic-4bit",
+            compute_dtype=args.dtype,
+            skip_modules=tuple(selection.skip_modules),
+        )
+        row["base_text"] = base_text_ppl(args, task, precision)
     report = path.parent / doc["metadata"]["name"] / recipe.EVAL_REPORT
     if report.is_file():
         row["evaluation"] = json.loads(report.read_text(encoding="utf-8"))
     return row
 
 
+def _spy_on_selection(captured: dict[str, Any]) -> Any:
+    """Record the Selection the recipe's dynamic 4-bit step makes; returns the undo."""
+    from runner.train import sensitivity
+
+    original = sensitivity.choose_kept_modules
+
+    def spy(*a: Any, **k: Any) -> Any:
+        captured["selection"] = original(*a, **k)
+        return captured["selection"]
+
+    sensitivity.choose_kept_modules = spy
+
+    def undo() -> None:
+        sensitivity.choose_kept_modules = original
+
+    return undo
+
+
 def ppl_job(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
     """The base model's perplexity on every token of the held-out rows, in one precision."""
+    from runner.train.backend import Precision
+
+    precision = Precision(quant_mode=mode, compute_dtype=args.dtype)
+    return {"kind": "ppl", "task": task, "mode": mode, **base_text_ppl(args, task, precision)}
+
+
+def base_text_ppl(args: argparse.Namespace, task: str, precision: Any) -> dict[str, Any]:
+    """Loss and perplexity of the base model (no adapter) in ``precision`` on every token."""
     import dataclasses
     import math
 
     from runner.spec.model import DatasetSpec
     from runner.train import select_backend
-    from runner.train.backend import Precision
     from runner.train.dataset import load_rows
     from runner.train.evaluate import score_examples
     from runner.train.formatting import format_rows, resolve_chat_template
@@ -241,17 +282,9 @@ def ppl_job(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
     from runner.train.preflight import tokenize_rows
 
     model_dir, _ = converted_dir(args.gguf)
-    quant, _, budget = mode.partition(":")
-    precision = Precision(quant_mode=quant, compute_dtype=args.dtype)
     backend = select_backend("transformers", world_size=1, unsloth_ddp=False)
     t0 = time.monotonic()
-    hook = getattr(backend, "load_base_for_eval", None)  # dyn4 may add one for dynamic-4bit
-    if quant == "dynamic-4bit":
-        if hook is None:
-            return {"kind": "ppl", "task": task, "mode": mode, "error": "no dynamic-4bit loader"}
-        model = hook(model_dir, precision, budget_mib=int(budget))
-    else:
-        model = backend._load_base(model_dir, precision, False)
+    model = backend._load_base(model_dir, precision, False)
     tokenizer = load_tokenizer(model_dir, False)
     spec = DatasetSpec.model_validate(
         {
@@ -271,10 +304,8 @@ def ppl_job(args: argparse.Namespace, task: str, mode: str) -> dict[str, Any]:
     scores = score_examples(model, examples, int(tokenizer.pad_token_id or 0), 32)
     nll, tokens = sum(s.nll for s in scores), sum(s.tokens for s in scores)
     per_row = [s.nll / max(1, s.tokens) for s in scores]
+    del model
     return {
-        "kind": "ppl",
-        "task": task,
-        "mode": mode,
         "rows": len(scores),
         "tokens": tokens,
         "loss": nll / tokens,
