@@ -176,7 +176,27 @@ def comparisons_table(comps: list[dict[str, Any]]) -> str:
 
 
 def _ppl(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {(r["task"], r["mode"]): r for r in rows if r["kind"] == "ppl" and "perplexity" in r}
+    """Base whole-text loss per (task, mode); dynamic 4-bit's from its runs (mean over seeds:
+    each seed's calibration rows give it its own skip list)."""
+    out = {(r["task"], r["mode"]): r for r in rows if r["kind"] == "ppl" and "perplexity" in r}
+    dyn: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] == "run" and "perplexity" in r.get("base_text", {}):
+            d = r.get("dynamic_4bit", {})
+            dyn[(r["task"], f"dynamic-4bit:{r['config'].removeprefix(DYN)}")].append(
+                {**r["base_text"], "kept": len(d.get("kept", [])), "spent": d.get("spent_bytes")}
+            )
+    for key, group in dyn.items():
+        loss = statistics.fmean(g["loss"] for g in group)
+        out[key] = {
+            **group[0],
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "seeds": len(group),
+            "kept": "/".join(str(g["kept"]) for g in group),
+            "spent_mib": "/".join(f"{(g['spent'] or 0) / 2**20:.1f}" for g in group),
+        }
+    return out
 
 
 def _mode_budget(mode: str) -> float | None:
@@ -190,13 +210,20 @@ def _mode_budget(mode: str) -> float | None:
 def ppl_table(rows: list[dict[str, Any]]) -> str:
     ppl = _ppl(rows)
     out = [
-        "| task | base model in | held-out rows | tokens | loss/token | perplexity |",
-        "|---|---|---|---|---|---|",
+        "| task | base model in | held-out rows | tokens | loss/token | perplexity | "
+        "modules kept in 16 bit (MiB spent), per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for (task, mode), r in sorted(ppl.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+
+    def order(kv: Any) -> tuple[str, float]:
+        b = _mode_budget(kv[0][1])
+        return kv[0][0], 1e9 if b is None else b
+
+    for (task, mode), r in sorted(ppl.items(), key=order):
+        kept = f"{r['kept']} ({r['spent_mib']})" if "kept" in r else ""
         out.append(
             f"| {task} | {mode} | {r['rows']} | {r['tokens']} | {r['loss']:.4f} | "
-            f"{r['perplexity']:.2f} |"
+            f"{r['perplexity']:.2f} | {kept} |"
         )
     return "\n".join(out)
 
