@@ -322,6 +322,13 @@ def _init(args: argparse.Namespace) -> None:
     global _ARGS
     _ARGS = args
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"{os.getpid()} %(asctime)s %(name)s: %(message)s"
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     import peft  # noqa: F401  (imported once per worker, while the parent converts)
     import trl  # noqa: F401
 
