@@ -371,7 +371,7 @@ def drive(args: argparse.Namespace) -> int:
             {
                 "argv": sys.argv,
                 "jobs": jobs,
-                "example_spec": spec_for(args.tasks[0], args.configs[0], args.seeds[0], args),
+                "specs": [spec_for(t, n, s, args) for k, t, n, s in jobs if k == "run"][:1],
             },
             indent=1,
             default=str,
