@@ -273,6 +273,14 @@ def _run(
         plan, decided = _replan_with_lengths(job, settings, plan, base.path, train, decided)
         metrics.set_estimate(plan.vram_estimate_bytes)
 
+    # Dynamic 4-bit: measure each linear module's nf4 output error on the first training rows
+    # and keep the most sensitive in 16 bit within the plan's budget (runner.train.sensitivity).
+    from runner.train.sensitivity import dynamic_4bit, sixteen_bit_linears
+
+    decided, dyn4 = dynamic_4bit(job, settings, plan, base.path, train, decided, backend.name)
+    if dyn4 is not None and not dyn4["prequantized"]:
+        metrics.set_estimate(dyn4["estimate_bytes"])
+
     # 3. training
     phase.enter(Phase.TRAINING, backend=backend.name, precision=decided.precision.quant_mode)
     shape = decided.shape
@@ -302,6 +310,13 @@ def _run(
         trust_remote_code=body.model.trust_remote_code,
         gradient_checkpointing=shape.gradient_checkpointing,
     )
+    if dyn4 is not None:  # what the load really kept, beside what was asked for
+        dyn4["loaded_16bit"] = sixteen_bit_linears(session.model)
+        log.info(
+            "dynamic-4bit: %d decoder linear modules loaded in 16 bit",
+            len(dyn4["loaded_16bit"]),
+            extra={"loaded_16bit": dyn4["loaded_16bit"]},
+        )
     start = make_snapshot_callback()  # LoRA tensors as training begins (after any dtype cast)
     saver = make_checkpoint_callback(
         checkpoints,
@@ -400,7 +415,10 @@ def _run(
             "eval_preflight": eval_report.as_dict() if eval_report else None,
         },
         "lora": body.lora.model_dump(mode="json"),
-        "training": _training_summary(backend.name, decided, plan, outcome, notes),
+        "training": {
+            **_training_summary(backend.name, decided, plan, outcome, notes),
+            "dynamic_4bit": dyn4,
+        },
         "verification": {"weight_update": weight_update, "reload": reload_report},
         "evaluation": evaluation,
         "checkpoints": {

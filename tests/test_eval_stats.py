@@ -7,7 +7,14 @@ import math
 import pytest
 
 from runner.errors import VerificationError
-from runner.train.eval_stats import GateRule, compare, paired_diff, wilson_interval
+from runner.train.eval_stats import (
+    GateRule,
+    clopper_pearson,
+    compare,
+    paired_accuracy_diff,
+    paired_diff,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +85,44 @@ def test_accuracy_not_worse_and_improve() -> None:
     r = _report([3.0] * 100, [2.0] * 100, base_ok, worse)
     assert r.adapter.accuracy == 0.0 and r.base.accuracy == pytest.approx(0.4)
     assert any("gate.accuracy" in f for f in r.gate_failures)
-    same = _report([3.0] * 100, [2.0] * 100, base_ok, base_ok, GateRule(accuracy="improve"))
-    assert any("'improve'" in f for f in same.gate_failures)
-    assert _report([3.0] * 100, [2.0] * 100, base_ok, base_ok).gate_passed
+    # Loss far better, accuracy unchanged: an adapter that learned the answer format only.
+    # The default gate ('improve' where answers are scored) refuses it; 'not-worse' lets it by.
+    same = _report([3.0] * 100, [2.0] * 100, base_ok, base_ok)
+    assert any("evaluation.gate.accuracy: 'improve'" in f for f in same.gate_failures)
+    assert _report(
+        [3.0] * 100, [2.0] * 100, base_ok, base_ok, GateRule(accuracy="not-worse")
+    ).gate_passed
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [(3, 10, 0.066739, 0.652453), (0, 10, 0.0, 0.308497), (10, 10, 0.691503, 1.0)],
+    ids=["3-of-10", "none", "all"],
+)
+def test_clopper_pearson_matches_published_values(k: int, n: int, low: float, high: float) -> None:
+    # R: binom.test(k, n)$conf.int
+    got = clopper_pearson(k, n)
+    assert got == pytest.approx((low, high), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flips", "passes"),
+    [(4, False), (5, False), (6, True)],
+    ids=["4-0", "5-0", "6-0"],
+)
+def test_accuracy_improve_needs_an_exact_sign_test_on_the_flipped_rows(
+    flips: int, passes: bool
+) -> None:
+    """24 rows, ``flips`` wrong->right, none right->wrong. The exact one-sided p-values are
+    1/16, 1/32 and 1/64; at 95 % (2.5 % a side) only 6-0 is beyond chance. The normal
+    approximation passed 4-0 (mean 0.167, se 0.078: bound +0.014): the defect that let a
+    shuffled-answers adapter through on 24 questions."""
+    base = [False] * 24
+    adapter = [True] * flips + [False] * (24 - flips)
+    normal = paired_diff([float(a) - float(b) for a, b in zip(adapter, base, strict=True)])
+    assert normal.low > 0  # what the old gate read
+    gain = paired_accuracy_diff(adapter, base)
+    assert gain.mean == pytest.approx(flips / 24)
+    assert (gain.low > 0) is passes
+    r = _report([3.0] * 24, [2.0] * 24, base, adapter)
+    assert r.gate_passed is passes

@@ -144,6 +144,11 @@ class TrainingShape:
         checkpointed_layers: With checkpointing on, how many decoder layers (the first ones)
             are checkpointed; the others keep their activations for backward (partial
             checkpointing: :func:`partial_checkpointing_layers`). None means all.
+        dynamic_reserve_bytes: Dynamic 4-bit on a 16-bit checkpoint whose kept modules the
+            runner has not chosen yet: the bytes reserved for them (the planner's budget,
+            term ``dynamic_4bit_kept``). None with no skip list: Unsloth's published allowance.
+        dynamic_cap_bytes: ``quantization.dynamic_budget_mib`` in bytes: the allowance is never
+            more than it.
     """
 
     quant_mode: str
@@ -161,6 +166,8 @@ class TrainingShape:
     padded: bool = True
     tokens_per_micro_batch: int | None = None
     checkpointed_layers: int | None = None
+    dynamic_reserve_bytes: int | None = None
+    dynamic_cap_bytes: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -328,6 +335,15 @@ def lora_params(shape: ModelShape, t: TrainingShape) -> int:
     return total
 
 
+def kept_module_extra_bytes(params: int, t: TrainingShape) -> int:
+    """Extra GPU bytes of keeping one linear module of ``params`` weights in 16 bit instead of
+    nf4: its 16-bit bytes (4 B a weight where peft's upcast makes it fp32) minus its nf4 bytes.
+    The same count as :func:`estimate`'s weight terms, so a chosen skip list is what it costs."""
+    width = 4 if _upcast(t) or t.compute_dtype == "float32" else 2
+    per = NF4_DQ_BYTES_PER_PARAM if t.double_quant else NF4_BYTES_PER_PARAM
+    return width * params - int(params * per)
+
+
 def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[list[VramTerm], int]:
     """Weight terms and the largest quantized matrix (dequantized on the fly in bf16)."""
     terms: list[VramTerm] = []
@@ -358,7 +374,7 @@ def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[lis
         )
     )
     upcast = _upcast(t)
-    width = 4 if upcast else 2
+    width = 4 if upcast or t.compute_dtype == "float32" else 2
     n16 = rest + skipped
     what = "embeddings" + ("" if shape.tie_word_embeddings else ", lm_head") + ", norms"
     if shape.vision_params:
@@ -369,8 +385,20 @@ def _weights(shape: ModelShape, t: TrainingShape, cal: Calibration) -> tuple[lis
     terms.append(
         VramTerm("weights_unquantized", width * n16, f"{n16 / 1e9:.2f} B ({what}) in {dtype}")
     )
-    if t.quant_mode == "dynamic-4bit" and not t.skip_modules:
+    dynamic = t.quant_mode == "dynamic-4bit" and not t.skip_modules
+    if dynamic and t.dynamic_reserve_bytes is not None:
+        terms.append(
+            VramTerm(
+                "dynamic_4bit_kept",
+                t.dynamic_reserve_bytes,
+                "budget for the linear modules the runner keeps in 16 bit (chosen from their "
+                "measured nf4 sensitivity before training)",
+            )
+        )
+    elif dynamic:
         extra = int(q_bytes * cal.dynamic_4bit_allowance)
+        if t.dynamic_cap_bytes is not None:
+            extra = min(extra, t.dynamic_cap_bytes)
         terms.append(
             VramTerm(
                 "dynamic_4bit_allowance",

@@ -22,6 +22,7 @@ from typing import Any
 
 from runner.errors import PlanError, SpecError
 from runner.plan.classes import GpuClassTable, load_gpu_classes
+from runner.plan.dynamic_quant import all_linear_extra_bytes, budget_bytes
 from runner.plan.estimator import (
     DEFAULT_CALIBRATION,
     EIGHT_BIT_OPTIMIZERS,
@@ -43,7 +44,7 @@ from runner.plan.parallel import (
 )
 from runner.plan.runtime import estimate_runtime
 from runner.plan.shapes import ModelShape, quantization_skip_modules, shape_from_config
-from runner.plan.types import GIB, MIB, GpuClass, Plan
+from runner.plan.types import GIB, MIB, GpuClass, Plan, VramTerm
 from runner.settings import Settings
 from runner.spec import JobSpec, spec_hash
 from runner.spec.model import Backend, QuantMode
@@ -69,6 +70,8 @@ def training_shape(
 ) -> TrainingShape:
     """The estimator's view of a spec, for one precision, backend and micro batch."""
     s = spec.spec
+    skip = skip_modules if quant_mode == "dynamic-4bit" else ()
+    cap = s.quantization.dynamic_budget_mib
     return TrainingShape(
         quant_mode=quant_mode,
         backend=backend,
@@ -80,7 +83,10 @@ def training_shape(
         gradient_checkpointing=s.training.gradient_checkpointing,
         optimizer=s.training.optimizer,
         compute_dtype=s.quantization.compute_dtype,
-        skip_modules=skip_modules if quant_mode == "dynamic-4bit" else (),
+        skip_modules=skip,
+        # A 16-bit checkpoint: the class is sized with Unsloth's published allowance (at most
+        # the spec's cap); the budget the runner gets is set at the end of the plan.
+        dynamic_cap_bytes=int(cap * MIB) if cap is not None else None,
     )
 
 
@@ -92,8 +98,12 @@ def estimate_run(
     backend: str,
     micro_batch: int,
     calibration: Calibration = DEFAULT_CALIBRATION,
+    skip_modules: tuple[str, ...] | None = None,
 ) -> Estimate:
     """The estimator's peak for a run whose precision, backend and micro batch are decided.
+
+    ``skip_modules`` (dynamic 4-bit, once the runner has chosen them) replaces the config's
+    own skip list, so the estimate counts the modules really kept in 16 bit.
 
     ``qlora run`` without a ``plan.json`` (by hand, on whatever card it finds) uses this to
     put the planner's estimate beside the measured peak, as a planned job does.
@@ -102,7 +112,7 @@ def estimate_run(
         SpecError: unknown architecture, mode, backend or target module.
     """
     shape = shape_from_config(model_config)
-    skip = quantization_skip_modules(model_config)
+    skip = skip_modules if skip_modules is not None else quantization_skip_modules(model_config)
     t = training_shape(spec, quant_mode, backend, micro_batch, skip)
     return estimate(shape, t, calibration)
 
@@ -495,6 +505,11 @@ def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> P
                 "data_lengths": lengths.summary(),
             }
     usable = table.usable_bytes(chosen)
+    dyn_budget: int | None = None
+    if mode == "dynamic-4bit" and not ctx.skip:
+        t_final = training_shape(spec, mode, backend, m, ctx.skip)
+        final, dyn_budget, why_dyn = _dynamic_budget(spec, shape, t_final, final, usable)
+        reasons.append(why_dyn)
     smaller = [c.name for c in table.classes if c.min_memory_mib < chosen.min_memory_mib]
     why_class = (
         f"class {chosen.name}: "
@@ -528,6 +543,8 @@ def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> P
     )
     reasons.append(f"runtime: {runtime.note}")
     host = final.host_bytes
+    if dyn_budget is not None:  # the 16-bit copy the sensitivity is measured on (host RAM)
+        host += 2 * shape.total_params
     return Plan(
         spec_hash=spec_hash(spec),
         gpu_class=chosen,
@@ -553,8 +570,77 @@ def _plan_layout(spec: JobSpec, settings: Settings, ctx: _Ctx, origin: str) -> P
         gpus_per_node=layout.gpus_per_node,
         nodes=layout.nodes,
         allreduce_s_per_step=allreduce,
+        dynamic_4bit_budget_bytes=dyn_budget,
         **data_aware,
     )
+
+
+_DYNAMIC_TERMS = ("dynamic_4bit_kept", "dynamic_4bit_allowance")
+
+
+def _dynamic_budget(
+    spec: JobSpec, shape: ModelShape, t: TrainingShape, final: Estimate, usable: int
+) -> tuple[Estimate, int, str]:
+    """Dynamic 4-bit on a 16-bit checkpoint: the budget for kept modules, and the estimate
+    with it counted (term ``dynamic_4bit_kept``) in place of the sizing allowance."""
+    q = spec.spec.quantization
+    rest = final.total_bytes - sum(x.bytes for x in final.terms if x.name in _DYNAMIC_TERMS)
+    everything = all_linear_extra_bytes(shape, t)
+    budget = budget_bytes(usable, rest, q.dynamic_budget_mib, everything)
+    kept = VramTerm(
+        "dynamic_4bit_kept",
+        budget,
+        "budget for the linear modules the runner keeps in 16 bit (chosen from their "
+        "measured nf4 sensitivity before training)",
+    )
+    terms: list[VramTerm] = []
+    for term in final.terms:
+        if term.name in _DYNAMIC_TERMS:
+            continue
+        terms.append(term)
+        if term.name == "weights_unquantized":
+            terms.append(kept)
+    new = dataclasses.replace(final, terms=tuple(terms), total_bytes=rest + budget)
+    cap = (
+        f", capped by quantization.dynamic_budget_mib {q.dynamic_budget_mib:g}"
+        if q.dynamic_budget_mib is not None
+        else ""
+    )
+    why = (
+        f"dynamic-4bit budget {budget / MIB:.1f} MiB for linear modules kept in 16 bit: usable "
+        f"{_gib(usable)} - rest of the estimate {_gib(rest)}{cap}; keeping all would add "
+        f"{everything / MIB:.1f} MiB; the runner ranks the modules by their nf4 output error on "
+        f"{q.calibration_rows} training rows and keeps the most sensitive within it (expected "
+        f"extra memory at most {budget / MIB:.1f} MiB, counted in the estimate)"
+    )
+    return new, budget, why
+
+
+def dynamic_budget(
+    spec: JobSpec, settings: Settings, model_config: Mapping[str, Any], backend: str
+) -> tuple[int, str]:
+    """The dynamic 4-bit budget for a run that has no ``plan.json`` (``qlora run`` by hand):
+    what the planner would give it in the class it would place the spec in.
+
+    Raises:
+        SpecError, PlanError: as :func:`make_plan`.
+    """
+    body = spec.spec
+    pinned = spec.model_copy(
+        update={
+            "spec": body.model_copy(
+                update={
+                    "training": body.training.model_copy(update={"backend": Backend(backend)}),
+                    "quantization": body.quantization.model_copy(
+                        update={"mode": QuantMode.DYNAMIC_FOUR_BIT}
+                    ),
+                }
+            )
+        }
+    )
+    plan = make_plan(pinned, settings, model_config=model_config)
+    why = next((r for r in plan.reasons if r.startswith("dynamic-4bit budget")), "")
+    return plan.dynamic_4bit_budget_bytes or 0, f"class {plan.gpu_class.name}: {why}"
 
 
 def data_aware_layout(

@@ -90,6 +90,9 @@ class Plan:
         peak_micro_batch_tokens: Tokens of the largest micro batch under the runner's row
             order, when planned from the data's lengths (None: sized at max_seq_length).
         data_lengths: One line on the lengths the plan was made from, or None.
+        dynamic_4bit_budget_bytes: Dynamic 4-bit on a 16-bit checkpoint: the GPU bytes the
+            runner may spend on linear modules kept in 16 bit (counted in the estimate as
+            ``dynamic_4bit_kept``); None otherwise.
     """
 
     spec_hash: str
@@ -117,6 +120,7 @@ class Plan:
     gpus_per_node: int = 1
     nodes: int = 1
     allreduce_s_per_step: float = 0.0
+    dynamic_4bit_budget_bytes: int | None = None
 
     @property
     def world_size(self) -> int:

@@ -289,6 +289,20 @@ class QuantizationSpec(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype; 'auto' is bfloat16 where supported, else float32."
     )
+    dynamic_budget_mib: float | None = Field(
+        None,
+        ge=0,
+        description="dynamic-4bit: at most this many MiB of GPU memory for the linear modules "
+        "kept in 16 bit (default: all that the GPU class leaves beside the rest of the "
+        "estimate).",
+    )
+    calibration_rows: StrictInt = Field(
+        8,
+        ge=1,
+        le=256,
+        description="dynamic-4bit: training rows (the first ones) on which each linear "
+        "module's output error under nf4 is measured.",
+    )
 
 
 class Backend(StrEnum):
@@ -448,9 +462,11 @@ class QualityGateSpec(_Section):
         "higher beyond noise; 'ignore'.",
     )
     accuracy: Literal["improve", "not-worse", "ignore"] = Field(
-        "not-worse",
-        description="Where answers are scored: 'improve', 'not-worse' (default: accuracy must "
-        "not drop beyond noise) or 'ignore'.",
+        "improve",
+        description="Where answers are scored: 'improve' (the default: accuracy must rise "
+        "beyond chance, McNemar's exact bound; the answer's loss alone also falls for an "
+        "adapter that learned only the answer format), 'not-worse' (not lower beyond chance) "
+        "or 'ignore'.",
     )
     confidence: Real = Field(0.95, ge=0.5, lt=1.0, description="Confidence of the bounds.")
 

@@ -35,17 +35,24 @@ class Precision:
     """How the frozen base model is held in memory; never 'auto' here.
 
     Attributes:
-        quant_mode: ``'4bit'`` (QLoRA), ``'dynamic-4bit'`` (4-bit with sensitive modules kept in
-            16 bit; Unsloth only, transformers treats it as ``'4bit'``) or ``'16bit'``.
+        quant_mode: ``'4bit'`` (QLoRA), ``'dynamic-4bit'`` (4-bit with the modules of
+            ``skip_modules`` kept in 16 bit) or ``'16bit'``.
         compute_dtype: Matmul dtype: ``'bfloat16'``, ``'float16'`` or ``'float32'``.
         quant_type: ``'nf4'`` or ``'fp4'`` (4-bit modes only).
         double_quant: Quantize the quantization constants too (4-bit modes only).
+        skip_modules: Dynamic 4-bit: full names of the linear modules bitsandbytes leaves in
+            16 bit (``llm_int8_skip_modules``; :mod:`runner.train.sensitivity` chooses them).
     """
 
     quant_mode: str
     compute_dtype: str
     quant_type: str = "nf4"
     double_quant: bool = True
+    skip_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A manifest gives a JSON list back (qlora eval rebuilds the precision from it).
+        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
 
     @property
     def is_4bit(self) -> bool:
@@ -254,6 +261,21 @@ class TrainerBackend(Protocol):
         compare against the base model's own logits without a second copy in memory.
         """
         ...
+
+
+def prequantized(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds an already quantized checkpoint (e.g. ``*-unsloth-bnb-4bit``).
+
+    Such a directory's ``config.json`` carries a ``quantization_config``; it loads as it is,
+    with the modules its ``llm_int8_skip_modules`` names left in 16 bit.
+    """
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config.get("quantization_config"), dict)
 
 
 def cuda_available() -> bool:

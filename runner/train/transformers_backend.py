@@ -61,6 +61,18 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+DEFAULT_SKIP_MODULES = ("lm_head",)
+"""What bitsandbytes leaves unquantized by default; a skip list of our own replaces that default
+(transformers' ``get_modules_to_not_convert``), so it is added back."""
+
+
+def bnb_skip_kwargs(precision: Precision) -> dict[str, Any]:
+    """``llm_int8_skip_modules`` for a dynamic 4-bit load (empty otherwise)."""
+    if precision.quant_mode != "dynamic-4bit" or not precision.skip_modules:
+        return {}
+    return {"llm_int8_skip_modules": [*DEFAULT_SKIP_MODULES, *precision.skip_modules]}
+
+
 def linear_module_names(model: Any) -> set[str]:
     """Last name component of every linear layer (plain or 4-bit) in ``model``."""
     names: set[str] = set()
@@ -93,6 +105,7 @@ class TransformersBackend:
                 bnb_4bit_quant_type=precision.quant_type,
                 bnb_4bit_use_double_quant=precision.double_quant,
                 bnb_4bit_compute_dtype=_dtype(precision.compute_dtype),
+                **bnb_skip_kwargs(precision),
             )
         try:
             return AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
@@ -126,10 +139,6 @@ class TransformersBackend:
         torch = _torch()
         quiet_progress_bars()
         notes: list[str] = []
-        if precision.quant_mode == "dynamic-4bit":
-            notes.append(
-                "dynamic-4bit is an Unsloth mode; the transformers backend uses plain 4bit"
-            )
         model = self._load_base(model_dir, precision, trust_remote_code)
         tokenizer = self._load_tokenizer(model_dir, trust_remote_code)
         available = linear_module_names(model)

@@ -36,6 +36,7 @@ from runner.train.backend import (
     Precision,
     TokenizedExample,
     TrainOutcome,
+    prequantized,
 )
 from runner.train.model_files import raise_model_load_error
 from runner.train.sft_loop import run_trainer, save_adapter_files, sft_args, trainer_datasets
@@ -63,19 +64,6 @@ def _torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def prequantized(model_dir: Path) -> bool:
-    """Whether ``model_dir`` holds an already quantized checkpoint (e.g. ``*-unsloth-bnb-4bit``).
-
-    Such a directory's ``config.json`` carries a ``quantization_config``; it loads as it is,
-    with the modules its ``llm_int8_skip_modules`` names left in 16 bit.
-    """
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config.get("quantization_config"), dict)
-
-
 def unsloth_chat_template(name: str) -> str | None:
     """Jinja text of one of Unsloth's named chat templates (``llama-3.1``, ``chatml``…).
 
@@ -89,6 +77,25 @@ def unsloth_chat_template(name: str) -> str | None:
         return None
     entry = CHAT_TEMPLATES.get(name)
     return str(entry[0]) if entry else None
+
+
+def unsloth_bnb_config(precision: Precision) -> Any:
+    """Dynamic 4-bit through Unsloth: the ``BitsAndBytesConfig`` Unsloth itself would build
+    (nf4, double quant, the compute dtype, its own skip list) plus the modules the runner keeps
+    in 16 bit. ``FastLanguageModel.from_pretrained`` keeps a caller's bitsandbytes 4-bit
+    ``quantization_config`` authoritative (unsloth 2026.10.9, ``models/llama.py``: "a
+    BitsAndBytesConfig passed by the caller stays authoritative") instead of its own."""
+    from transformers import BitsAndBytesConfig
+    from unsloth_zoo.peft_utils import SKIP_QUANTIZATION_MODULES
+
+    dtype = _torch_dtype(precision.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_use_double_quant=precision.double_quant,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=[*SKIP_QUANTIZATION_MODULES, *precision.skip_modules],
+    )
 
 
 class UnslothBackend:
@@ -118,11 +125,8 @@ class UnslothBackend:
             kwargs["device_map"] = {"": int(os.environ["LOCAL_RANK"])}
         if prequantized(model_dir):
             notes.append(f"{model_dir.name}: pre-quantized checkpoint, loaded as it is")
-        elif precision.quant_mode == "dynamic-4bit":
-            notes.append(
-                "dynamic-4bit needs a pre-quantized *-unsloth-bnb-4bit checkpoint; "
-                f"{model_dir.name} is not one, so it is quantized to plain nf4 on load"
-            )
+        elif precision.is_4bit and precision.skip_modules:
+            kwargs["quantization_config"] = unsloth_bnb_config(precision)
         if precision.is_4bit and precision.quant_type != "nf4":
             notes.append(
                 f"Unsloth quantizes to nf4; quantization.quant_type "
