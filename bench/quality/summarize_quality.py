@@ -228,13 +228,31 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _row_ci(r4: list[float], rd: list[float], r16: list[float]) -> tuple[float, float] | None:
+    """95 % bootstrap interval (rows resampled, 2,000 times) of the recovered share, from the
+    per-row mean losses of the same held-out rows in the three precisions."""
+    if not (len(r4) == len(rd) == len(r16)) or not r4:
+        return None
+    import random
+
+    rng = random.Random(0)
+    n, shares = len(r4), []
+    for _ in range(2000):
+        idx = [rng.randrange(n) for _ in range(n)]
+        gap = sum(r4[i] - r16[i] for i in idx)
+        if gap != 0:
+            shares.append(sum(r4[i] - rd[i] for i in idx) / gap)
+    shares.sort()
+    return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
+
+
 def _recover(x4: float, xd: float, x16: float) -> float | None:
     return None if x4 == x16 else (x4 - xd) / (x4 - x16)
 
 
 def recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fraction of nf4's gap to 16 bit won back by dynamic 4-bit, per task and budget."""
-    by, ppl, out = _runs(rows), _ppl(rows), []
+    by, ppl, out, comps = _runs(rows), _ppl(rows), [], comparisons(rows)
     for task in sorted({t for t, _ in by} | {t for t, _ in ppl}):
         budgets = sorted(
             {float(n.removeprefix(DYN)) for t, n in by if t == task and n.startswith(DYN)}
@@ -247,10 +265,21 @@ def recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pd = ppl.get((task, f"dynamic-4bit:{b:g}"))
             if p4 and p16 and pd:
                 row["base_text_loss"] = _recover(p4["loss"], pd["loss"], p16["loss"])
+                row["base_text_loss_ci"] = _row_ci(
+                    p4.get("row_loss", []), pd.get("row_loss", []), p16.get("row_loss", [])
+                )
             r4, r16, rd = (
                 by.get((task, "qlora-nf4")),
                 by.get((task, "lora-16bit")),
                 by.get((task, name)),
+            )
+            gap = next(
+                (
+                    c
+                    for c in comps
+                    if c["task"] == task and c["a"] == "qlora-nf4" and c["b"] == "lora-16bit"
+                ),
+                None,
             )
             if r4 and r16 and rd:
 
@@ -260,18 +289,22 @@ def recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 row["base_answer_loss"] = _recover(
                     mean(r4, "base", "loss"), mean(rd, "base", "loss"), mean(r16, "base", "loss")
                 )
-                row["adapter_loss"] = _recover(
-                    mean(r4, "adapter", "loss"),
-                    mean(rd, "adapter", "loss"),
-                    mean(r16, "adapter", "loss"),
-                )
+                # the adapters' shares only where nf4 is worse than 16 bit beyond noise
+                row["adapter_loss_gap"] = mean(r4, "adapter", "loss") - mean(r16, "adapter", "loss")
+                if gap is not None and gap["loss_outside_noise"] and gap["loss_diff"] > 0:
+                    row["adapter_loss"] = _recover(
+                        mean(r4, "adapter", "loss"),
+                        mean(rd, "adapter", "loss"),
+                        mean(r16, "adapter", "loss"),
+                    )
                 # accuracy: higher is better, so the gap is 16-bit minus nf4
                 a4, ad, a16 = (
                     mean(r4, "adapter", "accuracy"),
                     mean(rd, "adapter", "accuracy"),
                     mean(r16, "adapter", "accuracy"),
                 )
-                row["adapter_accuracy"] = None if a16 == a4 else (ad - a4) / (a16 - a4)
+                if gap is not None and gap["acc_outside_noise"] and gap["acc_diff"] < 0:
+                    row["adapter_accuracy"] = (ad - a4) / (a16 - a4)
                 row["accuracy_gap_points"] = 100 * (a16 - a4)
             out.append(row)
     return out
@@ -279,20 +312,28 @@ def recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def recovered_table(rec: list[dict[str, Any]]) -> str:
     out = [
-        "| task | 16-bit budget (MiB) | base whole-text loss | base answer loss | adapter loss | "
+        "| task | 16-bit budget (MiB) | base whole-text loss (95% CI, rows bootstrapped) | "
+        "base answer loss | adapter loss (gap nf4 minus 16-bit) | "
         "adapter accuracy (gap 16-bit minus nf4, points) |",
         "|---|---|---|---|---|---|",
     ]
 
-    def f(x: Any) -> str:
-        return "n/a" if x is None else f"{100 * x:.0f}%"
+    def f(x: Any, why: str = "n/a") -> str:
+        return why if x is None else f"{100 * x:.0f}%"
 
     for r in rec:
-        gap = r.get("accuracy_gap_points")
+        gap, lgap, ci = (
+            r.get("accuracy_gap_points"),
+            r.get("adapter_loss_gap"),
+            r.get("base_text_loss_ci"),
+        )
+        nogap = "n/a: no gap beyond noise"
         out.append(
-            f"| {r['task']} | {r['budget_mib']:g} | {f(r.get('base_text_loss'))} | "
-            f"{f(r.get('base_answer_loss'))} | {f(r.get('adapter_loss'))} | "
-            f"{f(r.get('adapter_accuracy'))}{f' ({gap:+.1f})' if gap is not None else ''} |"
+            f"| {r['task']} | {r['budget_mib']:g} | {f(r.get('base_text_loss'))}"
+            f"{f' ({100 * ci[0]:.0f} to {100 * ci[1]:.0f}%)' if ci else ''} | "
+            f"{f(r.get('base_answer_loss'))} | {f(r.get('adapter_loss'), nogap)}"
+            f"{f' ({lgap:+.4f})' if lgap is not None else ''} | "
+            f"{f(r.get('adapter_accuracy'), nogap)}{f' ({gap:+.1f})' if gap is not None else ''} |"
         )
     return "\n".join(out)
 
@@ -327,8 +368,9 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
             if x is None:
                 continue
             accs = [e["adapter"]["accuracy"] for e in by[name].values()]
-            m, h = _mean_ci(accs)
-            pts.append((x, m, h or 0.0, accs))
+            n = sum(e["adapter"]["scored_rows"] for e in by[name].values())
+            m = statistics.fmean(accs)
+            pts.append((x, m, 1.96 * math.sqrt(m * (1 - m) / n), accs))
         pts.sort()
         if pts:
             ax.errorbar(
@@ -338,7 +380,7 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
                 fmt="o-",
                 color=f"C{i}",
                 capsize=3,
-                label=f"{task}: adapter (mean over seeds, 95% CI)",
+                label=f"{task}: adapter (mean over seeds; dots: seeds; bars: binomial 95%)",
             )
             for p in pts:
                 ax.scatter(
@@ -365,7 +407,8 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
     ax.set_ylabel("held-out accuracy, %")
     ax.set_title("SmolLM2-135M-Instruct: held-out accuracy vs 16-bit budget")
     ax.legend(fontsize=7)
-    for i, task in enumerate(sorted({t for t, _ in ppl})):
+    for task in sorted({t for t, _ in ppl}):
+        i = tasks.index(task) if task in tasks else len(tasks)
         p4, p16 = ppl.get((task, "4bit")), ppl.get((task, "16bit"))
         pts = []
         for (t, mode), r in ppl.items():
