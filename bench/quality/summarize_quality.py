@@ -406,7 +406,7 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
     ax.set_xlabel("MiB of linear weights kept in 16 bit (0 = nf4, right end = 16-bit LoRA)")
     ax.set_ylabel("held-out accuracy, %")
     ax.set_title("SmolLM2-135M-Instruct: held-out accuracy vs 16-bit budget")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="center right")
     for task in sorted({t for t, _ in ppl}):
         i = tasks.index(task) if task in tasks else len(tasks)
         p4, p16 = ppl.get((task, "4bit")), ppl.get((task, "16bit"))
