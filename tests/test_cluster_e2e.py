@@ -294,7 +294,9 @@ def test_a_bad_spec_fails_the_finetunejob_without_using_up_retries(
     # operator's stop, which the deadline ends before it exits with a code of its own.
     assert codes.count(2) == 1 and len(pods) <= 2, codes
     time.sleep(12)  # the Job controller's first retry backoff is 10 s: no new pod comes
-    assert len(cluster.cp.pods(rel.ns, f"job-name={job_name}")) == len(pods)
+    # (the deadline deletes the replacement pod, if there was one)
+    after = {p["metadata"]["name"] for p in cluster.cp.pods(rel.ns, f"job-name={job_name}")}
+    assert after <= {p["metadata"]["name"] for p in pods}, after
 
 
 @pytest.mark.timeout(360)
