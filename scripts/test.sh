@@ -41,7 +41,10 @@ echo "==> timing: pytest (not cluster) $((SECONDS - t0)) s"
 # fixtures still tear the node down and give the host back its sysctls, mounts and cgroups.
 echo "==> pytest -m cluster"
 t0=$SECONDS
+crc=0
 QLORA_TEST_STRICT=1 timeout -s INT -k 120 900 \
-  python -m pytest -p no:cacheprovider -m cluster --durations=0 "$@" || rc=$?
+  python -m pytest -p no:cacheprovider -m cluster --durations=0 "$@" || crc=$?
+# 5: no cluster test among the PYTEST ARGS given (e.g. one test file); not a failure.
+if [ "$crc" != 0 ] && [ "$crc" != 5 ]; then rc=$crc; fi
 echo "==> timing: pytest -m cluster $((SECONDS - t0)) s"
 exit "$rc"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, require_binary
+from tests.conftest import REPO
 from tests.fixtures.cluster import (
     DATA,
     NODE_NAME,
@@ -46,7 +46,6 @@ from tests.fixtures.cluster import (
     wait_job,
     wait_service_account,
 )
-from tests.fixtures.kube import BIN_ENV
 from tests.fixtures.prometheus import PrometheusServer, Pushgateway
 from tests.fixtures.s3 import SeaweedServer, free_port
 
@@ -254,7 +253,8 @@ def test_helm_chart_operator_runs_a_finetunejob_to_a_verified_adapter(
     assert verify.returncode == 0, verify.stderr
     st = qlora(rel.env, "status", name, "--namespace", rel.ns)
     assert st.returncode == 0 and "Succeeded" in st.stdout, (st.stdout, st.stderr)
-    assert pods[0]["metadata"]["name"] in st.stdout, st.stdout
+    # The Job, its phase and the node the real pod ran on.
+    assert status["jobName"] in st.stdout and NODE_NAME in st.stdout, st.stdout
     logs = qlora(rel.env, "logs", name, "--namespace", rel.ns)
     pod_log = kubectl(cluster, "logs", "-n", rel.ns, pods[0]["metadata"]["name"])
     assert logs.returncode == 0, logs.stderr
@@ -285,12 +285,18 @@ def test_a_bad_spec_fails_the_finetunejob_without_using_up_retries(
     job = cluster.cp.wait_for("the Job to be failed",
                               lambda: job_done(cluster, rel.ns, job_name), 60)
     assert job["status"].get("failed", 0) < 1 + 3, job["status"]
+    assert {c["type"]: c for c in job["status"]["conditions"]}["Failed"]["reason"] \
+        == "DeadlineExceeded", job["status"]
     pods = cluster.cp.pods(rel.ns, f"job-name={job_name}")
-    codes = [p["status"]["containerStatuses"][0]["state"].get("terminated", {}).get("exitCode")
-             for p in pods]
-    assert codes and set(codes) == {2}, codes
+    codes = [p["status"].get("containerStatuses", [{}])[0].get("state", {})
+             .get("terminated", {}).get("exitCode") for p in pods]
+    # One pod exited 2; the Job controller may have started its replacement before the
+    # operator's stop, which the deadline ends before it exits with a code of its own.
+    assert codes.count(2) == 1 and len(pods) <= 2, codes
     time.sleep(12)  # the Job controller's first retry backoff is 10 s: no new pod comes
-    assert len(cluster.cp.pods(rel.ns, f"job-name={job_name}")) == len(pods)
+    # (the deadline deletes the replacement pod, if there was one)
+    after = {p["metadata"]["name"] for p in cluster.cp.pods(rel.ns, f"job-name={job_name}")}
+    assert after <= {p["metadata"]["name"] for p in pods}, after
 
 
 @pytest.mark.timeout(360)
@@ -304,37 +310,20 @@ def test_an_out_of_memory_exit_replans_and_the_new_job_resumes(
     checkpoint and publishes an adapter of exactly the planned steps."""
     rel = operator_release
     steps, every = 16, 4
-    # Every state the FineTuneJob's pods go through, deleted ones too (the operator deletes
-    # the outdated Job, and with it the OOM-killed pod, as soon as it re-plans).
-    watch = subprocess.Popen(
-        [str(require_binary("kubectl", env_dir=BIN_ENV)), f"--kubeconfig={cluster.kubeconfig}",
-         "get", "pods", "-n", rel.ns, "-l", "qlora-runner.io/job=oomed", "--watch",
-         "-o", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        name = apply_ftj(cluster, rel, tiny_spec(tmp_path, s3_inputs, "oomed", steps=steps,
-                                                 checkpoint_every_steps=every))
-        status = wait_ftj(cluster, rel.ns, name, timeout_s=300)
-    finally:
-        watch.terminate()
-        stream, _ = watch.communicate(timeout=10)
-    exits: dict[str, tuple[str, int]] = {}
-    decoder, pos = json.JSONDecoder(), 0
-    while True:
-        while pos < len(stream) and stream[pos].isspace():
-            pos += 1
-        if pos >= len(stream):
-            break
-        pod, pos = decoder.raw_decode(stream, pos)
-        for cs in pod["status"].get("containerStatuses", []):
-            term = cs.get("state", {}).get("terminated")
-            if term:
-                exits[pod["metadata"]["name"]] = (
-                    pod["metadata"]["labels"].get("qlora-runner.io/attempt"), term["exitCode"])
+    name = apply_ftj(cluster, rel, tiny_spec(tmp_path, s3_inputs, "oomed", steps=steps,
+                                             checkpoint_every_steps=every))
+    status = wait_ftj(cluster, rel.ns, name, timeout_s=300)
     assert status["phase"] == "Succeeded" and status["retries"] == 1, status
     planned = {c["type"]: c for c in status["conditions"]}["Planned"]
     assert planned["reason"] == "Replanned" and "micro batch 4 x 2" in planned["message"], planned
-    assert sorted(exits.values()) == [("0", 6), ("1", 0)], exits
-    (second,) = [p for p, (attempt, _) in exits.items() if attempt == "1"]
+    # The operator re-plans only on exit code 6 (reason OutOfMemory); the attempt-0 Job and
+    # its pod are deleted as outdated at once, the attempt-1 pod stays for its log.
+    op_log = kubectl(cluster, "logs", "-n", rel.ns, "-l", "app.kubernetes.io/component=operator",
+                     "--tail=-1").stdout
+    assert f"finetunejob {rel.ns}/{name}: Planned (OutOfMemory)" in op_log, op_log[-3000:]
+    (second,) = [p["metadata"]["name"] for p in
+                 cluster.cp.pods(rel.ns, f"qlora-runner.io/job={name}")
+                 if p["metadata"]["labels"].get("qlora-runner.io/attempt") == "1"]
     records = log_records(cluster, rel.ns, second)
     resumed = [r for r in records if "resuming from checkpoint step" in r.get("msg", "")]
     assert resumed and resumed[0]["checkpoint_step"] == OOM_STEP // every * every, \

@@ -350,3 +350,34 @@ def test_a_failed_job_shows_in_the_finetunejob_with_its_reason(
     assert failed["message"] == "dataset.sources[0]: 0 rows (exit code 2)"
     assert cond(failed, "Failed")["status"] == "True"
     assert failed.get("retries") == 0 and "completionTime" in failed
+
+
+def test_an_unreadable_model_config_is_pending_with_the_reason(
+    kube_control_plane: ControlPlane, crd: None, kube_namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planner reads the model's config.json from S3; without credentials (an operator
+    pod without the S3 Secret) the FineTuneJob says so instead of staying blank."""
+    cp, ns = kube_control_plane, kube_namespace
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    api = load_client(str(cp.kubeconfig))
+    op = Operator(api, Settings(s3_endpoint_url="http://127.0.0.1:9", storage_retries=0),
+                  namespace=ns, resync_s=5)
+    t = threading.Thread(target=op.run, kwargs={"max_seconds": 60}, daemon=True)
+    t.start()
+    try:
+        doc = example("no-creds")
+        doc["spec"]["model"]["source"] = "s3://models/some-model"
+        create_ftj(cp, ns, doc)
+        pending = wait_status(cp, ns, "no-creds", "Pending", timeout_s=40)
+    finally:
+        op.stop()
+        t.join(timeout=15)
+    assert pending["reason"] == "ModelConfigUnreadable"
+    assert "s3://models/some-model/config.json" in pending["message"], pending["message"]
+    assert cond(pending, "Planned")["status"] == "False"
+    assert cp.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs")["items"] == []

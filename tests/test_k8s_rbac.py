@@ -142,7 +142,23 @@ def test_the_declared_rules_are_enough_for_a_whole_reconcile(
         "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": ns}],
     }
     cp.apply_file_objects([role, binding], PLURALS)
-    _reconcile_to_success(cp, _as(cp, _user(ns, "op")), ns, "rbac-enough")
+    api = _as(cp, _user(ns, "op"))
+    _reconcile_to_success(cp, api, ns, "rbac-enough")
+
+    # A pod exit the rendered podFailurePolicy fails the Job on: this 1.20 API server has no
+    # podFailurePolicy, so the operator stops the Job itself, by patch (no update on Jobs).
+    cp.request("POST", ftj_path(ns), example("rbac-bad"))
+    op = Operator(api, Settings(), namespace=ns)
+    op.reconcile_all()
+    pod = cp.wait_for_bound_pod(ns, f"{names.LABEL_JOB}=rbac-bad")
+    cp.play_kubelet(ns, pod["metadata"]["name"], phase="Failed", exit_code=2,
+                    message=termination_message(succeeded=False, exit_code=2,
+                                                reason="dataset.sources[0]: 0 rows"))
+    op.reconcile_all()
+    st = cp.request("GET", ftj_path(ns, "rbac-bad"))["status"]
+    assert (st["phase"], st["reason"]) == ("Failed", "PodFailurePolicy"), st
+    job = cp.request("GET", f"/apis/batch/v1/namespaces/{ns}/jobs/{st['jobName']}")
+    assert job["spec"]["activeDeadlineSeconds"] == 1
 
 
 def test_the_declared_rules_create_a_two_node_jobs_headless_service(

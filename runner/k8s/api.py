@@ -147,6 +147,14 @@ class KubeApi(Protocol):
         if the object has moved on since."""
         ...
 
+    def patch(
+        self, res: Resource, namespace: str, name: str, body: Obj, *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch the object (RBAC verb ``patch``); with ``resource_version`` only that
+        version of it (else :class:`ConflictError`)."""
+        ...
+
     def patch_status(
         self,
         res: Resource,

@@ -247,6 +247,17 @@ class KubeClient:
         ns, name = meta.get("namespace"), str(meta.get("name"))
         return self._json("PUT", res.path(ns, name), what=("update", res, ns, name), body=obj)
 
+    def patch(
+        self, res: Resource, namespace: str, name: str, body: Obj, *,
+        resource_version: str | None = None,
+    ) -> Obj:
+        """Merge-patch the object (optimistic if versioned)."""
+        if resource_version:
+            body = {**body, "metadata": {**(body.get("metadata") or {}),
+                                         "resourceVersion": resource_version}}
+        return self._json("PATCH", res.path(namespace, name), what=("patch", res, namespace, name),
+                          body=body, content_type="application/merge-patch+json")
+
     def patch_status(
         self,
         res: Resource,

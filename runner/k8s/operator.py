@@ -18,7 +18,8 @@ One reconcile of a FineTuneJob:
 2. Validate ``spec`` (:func:`runner.spec.validate_document`). Invalid: ``Failed`` condition,
    reason ``InvalidSpec``, the ``path: message`` lines as message, and no retry until the
    spec changes (``metadata.generation``): never a crash loop.
-3. Plan. Fits nothing: ``Failed``/``DoesNotFit``. Else ``Planned`` with status.gpuClass,
+3. Plan. Fits nothing: ``Failed``/``DoesNotFit``. The model's config unreadable (S3): ``Pending``/
+   ``ModelConfigUnreadable``, retried with backoff. Else ``Planned`` with status.gpuClass,
    status.vramEstimate(Bytes), quantMode, backend.
 4. Server-side apply the owned ConfigMap + Job (rendered by :func:`render_objects` with the
    FineTuneJob as owner). A Job of an older spec that is still running is deleted.
@@ -57,7 +58,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runner.errors import ExitCode, PlanError, RunnerError, SpecError
+from runner.errors import ExitCode, PlanError, RunnerError, SpecError, StorageError
 from runner.k8s import names
 from runner.k8s.api import (
     FINETUNEJOBS,
@@ -124,6 +125,7 @@ LEADER_ELECTION_RULES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...]], 
 the one Lease, nothing else (no list, watch, patch or delete)."""
 OOM_EXIT_CODE = int(ExitCode.CUDA_OOM)
 QUOTA_EXCEEDED = "QuotaExceeded"
+MODEL_UNREADABLE = "ModelConfigUnreadable"
 
 
 class Reader(Protocol):
@@ -307,6 +309,13 @@ class Operator:
             else:
                 memo = None
                 eff, plan = self._plan(spec, retries)
+        except StorageError as e:
+            # The model's config.json could not be read (no credentials, no object, S3
+            # down): say so on the FineTuneJob, and let the work queue retry with backoff.
+            text = "; ".join(e.lines())
+            conditions = set_condition(conditions, PLANNED, False, MODEL_UNREADABLE, text, gen)
+            self._finish(ftj, old, st, conditions, PENDING, MODEL_UNREADABLE, text, gen)
+            raise
         except (PlanError, SpecError) as e:
             reason = "DoesNotFit" if isinstance(e, PlanError) else "InvalidSpec"
             if retries:
