@@ -146,6 +146,14 @@ class Settings(BaseSettings):
         "out-of-memory error at the end of this optimizer step, as a plan too large for the "
         "GPU would, so the run exits 6 and the operator re-plans. Rendered Jobs inherit it.",
     )
+    fault_step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Fault injection for tests (0: off): sleep this long after every optimizer "
+        "step, as a slow node would, so that a test's signal reliably lands mid-training. "
+        "Rendered Jobs inherit it.",
+    )
 
     # -- the watchdog of `qlora run` (runner.watchdog): a phase over its budget exits 13 ---
     loading_budget_s: float = Field(

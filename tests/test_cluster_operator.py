@@ -26,7 +26,7 @@ import yaml
 
 from runner.k8s import names
 from tests.conftest import REPO
-from tests.fixtures.cluster import Cluster, helm, kubectl
+from tests.fixtures.cluster import Cluster, helm, kubectl, remove_kept_crd
 from tests.test_helm import _free_run
 from tests.test_k8s_operator import example, ftj_path
 
@@ -154,6 +154,7 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _helm(cluster, "uninstall", RELEASE, "--namespace", ns)
         cluster.cp.request("DELETE", ftj_path(ns), {})
         cluster.cp.clear_namespace(ns)
+        remove_kept_crd(cluster)
 
 
 @pytest.mark.timeout(420)

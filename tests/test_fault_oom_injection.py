@@ -6,6 +6,7 @@ cluster: tests/test_cluster_e2e.py::test_an_out_of_memory_exit_replans_and_the_n
 
 from __future__ import annotations
 
+import time
 import types
 from typing import Any
 
@@ -47,3 +48,12 @@ def test_fires_at_the_end_of_that_step_as_a_cuda_oom() -> None:
         cb.on_step_end(None, types.SimpleNamespace(global_step=3), None)
     assert info.value.exit_code == ExitCode.CUDA_OOM
     assert "QLORA_FAULT_OOM_AT_STEP=3" in str(info.value)
+
+
+def test_the_step_delay_is_off_by_default_inherited_and_sleeps_after_each_step() -> None:
+    assert "QLORA_FAULT_STEP_DELAY_S" not in _env(Settings())
+    assert _env(Settings(fault_step_delay_s=0.5))["QLORA_FAULT_STEP_DELAY_S"] == "0.5"
+    (cb,) = make_fault_callbacks(Settings(fault_step_delay_s=0.2, attempt=1))
+    start = time.monotonic()
+    cb.on_step_end(None, types.SimpleNamespace(global_step=1), None)
+    assert time.monotonic() - start >= 0.2

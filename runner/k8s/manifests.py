@@ -544,6 +544,8 @@ def _env(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
         # Fault injection for tests (runner.train.faults): off unless the deployment sets it.
         "QLORA_FAULT_OOM_AT_STEP": str(settings.fault_oom_at_step)
         if settings.fault_oom_at_step else None,
+        "QLORA_FAULT_STEP_DELAY_S": f"{settings.fault_step_delay_s:g}"
+        if settings.fault_step_delay_s else None,
     }
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in plain.items() if v]
     if uses_s3(spec):
