@@ -158,11 +158,11 @@ def release(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @pytest.mark.timeout(420)
-def test_the_standby_runs_beside_the_leader_and_takes_over_when_its_pod_is_deleted(
+def test_the_standby_runs_and_a_replica_takes_over_when_the_leaders_pod_is_deleted(
     cluster: Cluster, release: Release,
 ) -> None:
     c, rel = cluster, release
-    leader, standby = _wait(c, rel, "two replicas Ready on the one node, one leading",
+    leader, _standby = _wait(c, rel, "two replicas Ready on the one node, one leading",
                             lambda: _two_ready_one_leading(c, rel), 240)
     c.cp.request("POST", ftj_path(rel.ns), _ftj("before"))
     _wait(c, rel, "before Planned", lambda: _planned(c, rel.ns, {"before"}), 60)
@@ -172,17 +172,22 @@ def test_the_standby_runs_beside_the_leader_and_takes_over_when_its_pod_is_delet
     deleted = kubectl(c, "delete", "pod", "-n", rel.ns, leader, "--wait=false")
     assert deleted.returncode == 0, deleted.stderr
     c.cp.request("POST", ftj_path(rel.ns), _ftj("after-delete"))
-    _wait(c, rel, "the standby to lead", lambda: _holder(c, rel) == standby,
+    # The leader releases the Lease on SIGTERM; the first candidate to try next takes it: the
+    # standby (every retry period), or the Deployment's replacement pod, which campaigns as
+    # soon as it starts and sometimes wins that race (seen on this node). Either way another
+    # replica leads within the bound and nothing is reconciled twice.
+    _wait(c, rel, "another replica to lead", lambda: _holder(c, rel) not in (None, "", leader),
           LEASE_S + 2 * RETRY_S + RECONCILE_S)
+    new_leader = _holder(c, rel)
     _wait(c, rel, "after-delete Planned", lambda: _planned(c, rel.ns, {"after-delete"}), 60)
     took = time.monotonic() - t0
     assert took < LEASE_S + RETRY_S * 1.2 + RECONCILE_S, f"takeover took {took:.1f} s"
 
     # The Deployment replaces the deleted pod; the replacement stands by beside the leader.
-    again = _wait(c, rel, "a replacement standby Ready", lambda: (
-        lambda s: s if s and s[0] == standby and s[1] != leader else None)(
+    again = _wait(c, rel, "a standby Ready beside the new leader", lambda: (
+        lambda s: s if s and s[0] == new_leader and leader not in s else None)(
             _two_ready_one_leading(c, rel)), 180)
-    assert again[0] == standby
+    assert again[0] == new_leader and again[1] != leader
     jobs = _jobs_by_ftj(c, rel.ns)
     assert {k: len(v) for k, v in jobs.items()} == {"before": 1, "after-delete": 1}, jobs
 
