@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -124,31 +124,43 @@ def run_qlora(
     out_path, err_path = work / "stdout.txt", work / "stderr.txt"
     started = time.monotonic()
     with out_path.open("w") as out, err_path.open("w") as err:
-        proc = subprocess.Popen(
+        rc, _, usage = _spawn_bounded(
             [sys.executable, "-m", "runner", "run", "--spec", str(spec)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,
-            preexec_fn=_preexec(modes_apply),
-        )
-        timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            env, out, err, limit_s, modes_apply)
     return ChildResult(
-        rc=proc.returncode,
+        rc=rc,
         stdout=out_path.read_text(errors="replace"),
         stderr=err_path.read_text(errors="replace"),
         wall_s=time.monotonic() - started,
         cpu_s=usage.ru_utime + usage.ru_stime,
         max_rss_bytes=usage.ru_maxrss * 1024,
     )
+
+
+def _spawn_bounded(
+    argv: list[str], env: dict[str, str], out: IO[str], err: IO[str], limit_s: float,
+    modes_apply: bool,
+) -> tuple[int, int, Any]:
+    """Run ``argv`` in its own session, SIGKILL its group after ``limit_s``, and reap it with
+    ``wait4`` (for its resource usage); returns (exit code, raw status, rusage)."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        start_new_session=True,
+        preexec_fn=_preexec(modes_apply),
+    )
+    timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return proc.returncode, status, usage
 
 
 def run_qlora_batch(
@@ -181,25 +193,11 @@ def run_qlora_batch(
     plan_path.write_text(json.dumps(plan), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     with (first_work / "batch-stderr.txt").open("w") as err:
-        proc = subprocess.Popen(
+        rc, status, _ = _spawn_bounded(
             [sys.executable, "-m", "tests.qlora_batch", str(plan_path)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-            start_new_session=True,
-            preexec_fn=_preexec(modes_apply),
-        )
-        timer = threading.Timer(limit_s, os.killpg, (proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            _, status, _ = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            env, err, err, limit_s, modes_apply)
     out_file = Path(str(plan_path) + ".out")
-    if os.waitstatus_to_exitcode(status) != 0 or not out_file.is_file():
+    if rc != 0 or not out_file.is_file():
         tail = (first_work / "batch-stderr.txt").read_text(errors="replace")[-3000:]
         raise AssertionError(f"the batch child failed ({status}):\n{tail}")
     done = json.loads(out_file.read_text(encoding="utf-8"))

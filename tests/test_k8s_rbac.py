@@ -125,11 +125,8 @@ def _reconcile_to_success(cp: ControlPlane, api: KubeClient, ns: str, name: str)
     assert cp.request("GET", ftj_path(ns, name))["status"]["phase"] == "Succeeded"
 
 
-def test_the_declared_rules_are_enough_for_a_whole_reconcile(
-    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], crd: None,  # noqa: F811
-    kube_namespace: str,
-) -> None:
-    cp, ns = kube_control_plane, kube_namespace
+def _grant_operator_rules(cp: ControlPlane, ns: str) -> None:
+    """Bind exactly the operator's declared RBAC_RULES to the ServiceAccount ``op`` in ``ns``."""
     role: dict[str, Any] = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "op", "namespace": ns},
@@ -142,6 +139,14 @@ def test_the_declared_rules_are_enough_for_a_whole_reconcile(
         "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": ns}],
     }
     cp.apply_file_objects([role, binding], PLURALS)
+
+
+def test_the_declared_rules_are_enough_for_a_whole_reconcile(
+    kube_control_plane: ControlPlane, gpu_nodes: dict[str, str], crd: None,  # noqa: F811
+    kube_namespace: str,
+) -> None:
+    cp, ns = kube_control_plane, kube_namespace
+    _grant_operator_rules(cp, ns)
     api = _as(cp, _user(ns, "op"))
     _reconcile_to_success(cp, api, ns, "rbac-enough")
 
@@ -167,18 +172,7 @@ def test_the_declared_rules_create_a_two_node_jobs_headless_service(
 ) -> None:
     """resources.nodes: 2 renders a Service too: the operator's rules must cover it."""
     cp, ns = kube_control_plane, kube_namespace
-    role: dict[str, Any] = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "op", "namespace": ns},
-        "rules": [{"apiGroups": [g], "resources": [r], "verbs": list(v)} for g, r, v in RBAC_RULES],
-    }
-    binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "op", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "op"},
-        "subjects": [{"kind": "ServiceAccount", "name": "op", "namespace": ns}],
-    }
-    cp.apply_file_objects([role, binding], PLURALS)
+    _grant_operator_rules(cp, ns)
     doc = example("rbac-two-nodes")
     doc["spec"]["resources"] = {"nodes": 2}
     cp.request("POST", ftj_path(ns), doc)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.util
 import json
 import os
 import random
 import sys
 import time
 import traceback
-from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +53,26 @@ TASKS = {
     "quartz": "quartz",
     "logic": "logic",
 }
-SPLIT_SEED = 14
+PREPARE = Path(__file__).resolve().parents[2] / "examples" / "quartz" / "prepare.py"
 
 
 # -- data ---------------------------------------------------------------------------------------
 
 
-def _package_dir(name: str, site: Path) -> Path:
-    spec = PathFinder.find_spec(name, [str(site)])
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"quality: {name} is not installed in {site}; run scripts/tools/real-model.sh")
-    return Path(next(iter(spec.submodule_search_locations)))
+def _example_prepare() -> Any:
+    """``examples/quartz/prepare.py``, whose QuaRTz rows, package lookup and split seed the
+    grid reuses (loaded by path: only the local ``data`` step needs it, not the GPU host)."""
+    spec = importlib.util.spec_from_file_location("quartz_prepare", PREPARE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _write_split(rows: list[dict[str, Any]], out: Path, test_rows: int, train_rows: int) -> str:
-    random.Random(SPLIT_SEED).shuffle(rows)
+def _write_split(
+    rows: list[dict[str, Any]], out: Path, test_rows: int, train_rows: int, seed: int
+) -> str:
+    random.Random(seed).shuffle(rows)
     test, train = rows[:test_rows], rows[test_rows : test_rows + train_rows]
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", train), ("test", test)):
@@ -85,20 +90,18 @@ def prepare_data(args: argparse.Namespace) -> int:
     formal_logic: true/false evaluation of nested boolean expressions, balanced; the same
     seeded shuffle, 900 test and 3,000 train rows of its 214,866.
     """
-    data = _package_dir("evals", args.site) / "registry" / "data"
-    quartz = []
-    for line in (data / "quartz" / "samples.jsonl").read_text(encoding="utf-8").splitlines():
-        s = json.loads(line)
-        messages = [*s["input"], {"role": "assistant", "content": str(s["ideal"]).strip()}]
-        quartz.append({"messages": messages, "choices": ["A", "B"]})
-    print(_write_split(quartz, args.out / "quartz", 900, 2960))
+    prepare = _example_prepare()
+    evals = prepare.package_dir("evals", args.site)
+    data = evals / "registry" / "data"
+    seed = prepare.SPLIT_SEED
+    print(_write_split(prepare.quartz_rows(evals), args.out / "quartz", 900, 2960, seed))
     logic = []
     path = data / "formal_logic" / "formal_logic_expressions.jsonl"
     for line in path.read_text(encoding="utf-8").splitlines():
         s = json.loads(line)
         messages = [*s["input"], {"role": "assistant", "content": str(s["ideal"]).strip()}]
         logic.append({"messages": messages, "choices": ["true", "false"]})
-    print(_write_split(logic, args.out / "logic", 900, 3000))
+    print(_write_split(logic, args.out / "logic", 900, 3000, seed))
     return 0
 
 
