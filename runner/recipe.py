@@ -31,6 +31,7 @@ import json
 import logging
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -517,11 +518,31 @@ class _PhaseTracker:
         now = time.monotonic()
         if self.current is not None:
             fields[f"{self.current.value}_s"] = round(now - self.since, 3)
+            fields |= _device_peaks(self.current.value)
         self.current, self.since = phase, now
         level = logging.ERROR if phase is Phase.FAILED else logging.INFO
         log.log(level, "phase %s", phase.value, extra={"phase": phase.value, **fields})
         for hook in self.hooks:
             hook(phase)
+
+
+def _device_peaks(ended: str) -> dict[str, int]:
+    """The CUDA allocator's peaks so far, logged as a phase ends (nothing before CUDA is used).
+
+    The peaks are the process's (never reset, the same as the ``peak`` gauges), so the value
+    logged when training ends is the training peak the planner estimates, and a later phase
+    that logs a higher one (verification reload, evaluation) raised the run's peak itself.
+    """
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_initialized():
+            return {}
+        return {
+            f"{ended}_peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+            f"{ended}_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        }
+    except Exception:  # a reading only: never fail a phase change over it
+        return {}
 
 
 def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | None:

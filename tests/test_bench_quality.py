@@ -90,6 +90,7 @@ def test_grid_runs_every_configuration_of_a_seed_before_the_next(tmp_path: Path)
         seeds=[1, 2],
         main_only=[],
         ppl=True,
+        jobs=[],
     )
     jobs = quality.jobs_for(args)
     assert jobs[:4] == [
@@ -99,6 +100,14 @@ def test_grid_runs_every_configuration_of_a_seed_before_the_next(tmp_path: Path)
         ("ppl", "logic", "4bit", 0),
     ]
     assert [j[3] for j in jobs[4:]] == [1, 1, 1, 1, 2, 2, 2, 2]
+    args.jobs = ["logic:qlora-nf4:3", "quartz:qlora-dyn4-15:2"]  # exactly these, in order
+    assert quality.jobs_for(args) == [
+        ("run", "logic", "qlora-nf4", 3),
+        ("run", "quartz", "qlora-dyn4-15", 2),
+    ]
+    args.jobs = ["logic:no-such-config:1"]
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        quality.jobs_for(args)
     results = tmp_path / "results.jsonl"
     quality._append(results, {"a": 1})
     quality._append(results, {"b": 2})

@@ -176,6 +176,14 @@ def jobs_for(args: argparse.Namespace) -> list[tuple[Any, ...]]:
         print("drive: no quantization.dynamic_budget_mib in this checkout: no dynamic rows")
         dyn = []
     jobs: list[tuple[Any, ...]] = []
+    if args.jobs:  # an explicit list, in that order (a later call adding seeds to a grid)
+        for item in args.jobs:
+            task, name, seed = item.split(":")
+            if task not in TASKS:
+                raise SystemExit(f"quality: --jobs {item!r}: unknown task {task!r}")
+            config_of(name)  # exits on an unknown configuration
+            jobs.append(("run", task, name, int(seed)))
+        return jobs
     if args.ppl:
         # dynamic 4-bit's base perplexity comes with each of its runs (its own skip list)
         jobs += [("ppl", task, mode, 0) for task in args.tasks for mode in ("16bit", "4bit")]
@@ -423,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dyn-budgets", type=_csv(int), default=[], help="MiB kept in 16 bit")
     g.add_argument("--seeds", type=_csv(int), default=[1, 2, 3])
     g.add_argument("--ppl", action="store_true", help="base perplexity per quantization first")
+    g.add_argument(
+        "--jobs", type=_csv(str), default=[],
+        help="TASK:CONFIG:SEED,... run exactly these, in this order (instead of the grid)",
+    )
     g.add_argument("--steps", type=int, default=90)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--micro-batch", type=int, default=32)
