@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The device calls of one GPU session, back to back on one warm host (it is released after
 # 30 s idle, and /tmp stays between calls while it is held):
-#   speed-a OUT   wheels into /tmp/site; qlora run (24GB-class plan, data-aware), bare Unsloth
-#                 2 x 8 and plain HF + TRL 2 x 8 on the same realistic rows (issue 13's ratios
-#                 and steady MFU; no profiler, so every step is a clean step)
-#   speed-b OUT   qlora run with the 80GB-class plan, against qlora run as it was before issue
-#                 13 (qlora-today: 24GB class; qlora-today-80gb: 80GB class), then the
-#                 pre-quantized checkpoint GPU test; parks the GGUF's first half in /tmp/qm
+#   speed OUT     wheels into /tmp/site; on the same realistic rows: qlora run with the
+#                 24GB-class and the 80GB-class plans (data-aware), qlora run as it was before
+#                 issue 13 (qlora-today: 24GB class, fixed-length plan, every layer
+#                 checkpointed, no varlen patch, default allocator), bare Unsloth 2 x 8 and
+#                 plain HF + TRL 2 x 8 (issue 13's ratios, steady MFU and 80GB estimate; no
+#                 profiler, so every step is a clean step)
+#   park OUT      parks the GGUF's first half in /tmp/qm
 #   quality OUT   bench/quality/gpu.sh stage2 (more seeds of the grid, --jobs) and, beside it,
 #                 the Gemma 3 1B fixed-length VRAM points (a per-process allocator peak: the
-#                 grid's work on the same card does not change it)
-# Carry: speed-a .whl; speed-b .dev/qgrid1 (part1); quality .dev/qgrid (bench/quality/stage.sh).
+#                 grid's work on the same card does not change it) and the pre-quantized
+#                 checkpoint GPU test
+# Carry: speed .whl; park .dev/qgrid1 (part1); quality .dev/qgrid (bench/quality/stage.sh).
 set -uo pipefail
-call=${1:?speed-a|speed-b|quality}
+call=${1:?speed|park|quality}
 out=${2:?OUT}
 mkdir -p "$out"
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -32,21 +34,27 @@ speed() {  # speed NAME BUDGET RUNNERS: speed_data.py into /tmp/NAME, packed as 
   grep -E '^\{"runner"|^total|exited' "/tmp/$name.log" | cut -c1-700
 }
 case "$call" in
-  speed-a)
+  speed)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
       && python3 -m compileall -q /tmp/site >/dev/null
     versions
-    speed speed-a 480 qlora-24gb,unsloth-2x8,hf-2x8,qlora-24gb-warm ;;
-  speed-b)
-    mkdir -p /tmp/qm && cp .dev/qgrid1/part1 /tmp/qm/part1
-    versions
-    speed speed-b 330 qlora-80gb,qlora-today,qlora-today-80gb
+    speed speed 470 qlora-24gb,qlora-80gb,qlora-today,unsloth-2x8,hf-2x8 ;;
+  park)
+    mkdir -p /tmp/qm && cp .dev/qgrid1/part1 /tmp/qm/part1 && ls -la /tmp/qm ;;
+  quality)
+    python3 bench/random_models.py /tmp/models gemma-3-1b >/tmp/gemma.log 2>&1
+    (HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTORCH_ALLOC_CONF= \
+      timeout 420 python3 bench/vram_grid.py worker --shape gemma-3-1b --backend unsloth \
+      --model-dir /tmp/models/gemma-3-1b --points 2048x1,2048x4,8192x2 \
+      --results "$out/gemma-points.jsonl" --steps 3 --concurrent >>/tmp/gemma.log 2>&1
+     echo "gemma worker exited $?" >>/tmp/gemma.log) &
+    gemma=$!
     mkdir -p /tmp/stub  # the host may lack pytest: a stub for the module-level marks only
     python3 -c 'import pytest' 2>/dev/null || printf '%s\n' 'class _M:' \
       '    def __getattr__(self, n): return self' '    def __call__(self, *a, **k): return self' \
       'mark = _M()' >/tmp/stub/pytest.py
-    PYTHONPATH=$PYTHONPATH:/tmp/stub timeout 170 python3 - "$out" <<'PY' 2>&1 | tee "$out/prequant.log" | tail -30
-import json, pathlib, sys, tempfile, time, traceback
+    (PYTHONPATH=$PYTHONPATH:/tmp/stub timeout 400 python3 - <<'PY' >"$out/prequant.log" 2>&1) &
+import json, pathlib, tempfile, time, traceback
 import tests.test_gpu_unsloth as t
 tmp = pathlib.Path(tempfile.mkdtemp(prefix="prequant-"))
 start = time.monotonic()
@@ -59,18 +67,11 @@ except BaseException:
 for m in (tmp / "store").rglob("manifest.json"):
     print(json.dumps(json.loads(m.read_text())["training"].get("dynamic_4bit"))[:3000])
 PY
-    ;;
-  quality)
-    python3 bench/random_models.py /tmp/models gemma-3-1b >/tmp/gemma.log 2>&1
-    (HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTORCH_ALLOC_CONF= \
-      timeout 420 python3 bench/vram_grid.py worker --shape gemma-3-1b --backend unsloth \
-      --model-dir /tmp/models/gemma-3-1b --points 2048x1,2048x4,8192x2 \
-      --results "$out/gemma-points.jsonl" --steps 3 --concurrent >>/tmp/gemma.log 2>&1
-     echo "gemma worker exited $?" >>/tmp/gemma.log) &
-    gemma=$!
+    prequant=$!
     (cd .dev/qgrid && QUALITY_BUDGET_S=${QUALITY_BUDGET_S:-400} bash bench/quality/gpu.sh stage2 \
       "$out/quality" "${@:3}")
-    wait "$gemma"
+    wait "$gemma" "$prequant"
     tail -c 20000 /tmp/gemma.log >"$out/gemma.log"
-    grep -E 'reserved|exited|Error' /tmp/gemma.log | tail -20 ;;
+    grep -E 'reserved|exited|Error' /tmp/gemma.log | tail -20
+    tail -5 "$out/prequant.log" | cut -c1-600 ;;
 esac
