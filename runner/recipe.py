@@ -31,7 +31,6 @@ import json
 import logging
 import platform
 import shutil
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -533,16 +532,18 @@ def _device_peaks(ended: str) -> dict[str, int]:
     logged when training ends is the training peak the planner estimates, and a later phase
     that logs a higher one (verification reload, evaluation) raised the run's peak itself.
     """
-    torch = sys.modules.get("torch")
+    from runner.train.metrics_callback import read_cuda_memory
+
     try:
-        if torch is None or not torch.cuda.is_initialized():
-            return {}
-        return {
-            f"{ended}_peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-            f"{ended}_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-        }
+        devices = read_cuda_memory()
     except Exception:  # a reading only: never fail a phase change over it
         return {}
+    if not devices:
+        return {}
+    return {
+        f"{ended}_peak_reserved_bytes": max(d.peak_reserved for d in devices),
+        f"{ended}_peak_allocated_bytes": max(d.peak_allocated for d in devices),
+    }
 
 
 def plan_this_card(job: JobSpec, settings: Settings, backend: str) -> Plan | None:

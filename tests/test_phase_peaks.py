@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import runner.train.metrics_callback  # noqa: F401  (imported before torch is faked)
 from runner import recipe
 from runner.recipe import Phase, _device_peaks, _PhaseTracker
 
@@ -25,23 +26,38 @@ class _FakeCuda:
     def is_initialized(self) -> bool:
         return self.initialized
 
-    def max_memory_reserved(self) -> int:
+    def is_available(self) -> bool:
+        return True
+
+    def device_count(self) -> int:
+        return 1
+
+    def memory_reserved(self, i: int) -> int:
         return self.reserved
 
-    def max_memory_allocated(self) -> int:
+    def memory_allocated(self, i: int) -> int:
         return self.allocated
+
+    def max_memory_reserved(self, i: int) -> int:
+        return self.reserved
+
+    def max_memory_allocated(self, i: int) -> int:
+        return self.allocated
+
+    def get_device_properties(self, i: int) -> SimpleNamespace:
+        return SimpleNamespace(total_memory=80 << 30)
 
 
 def test_no_peaks_before_cuda_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=_FakeCuda(False)))
     assert _device_peaks("training") == {}
-    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch absent: import torch fails
     assert _device_peaks("training") == {}
 
 
 def test_a_failing_reading_never_fails_the_phase_change(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = _FakeCuda(True)
-    cuda.max_memory_reserved = lambda: 1 / 0  # type: ignore[method-assign]
+    cuda.max_memory_reserved = lambda i: 1 / 0  # type: ignore[method-assign]
     monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
     assert _device_peaks("training") == {}
 

@@ -170,20 +170,21 @@ def dynamic_supported() -> bool:
 
 def jobs_for(args: argparse.Namespace) -> list[tuple[Any, ...]]:
     """The grid in priority order: ppl rows, then (seed, task, config)."""
+    jobs: list[tuple[Any, ...]] = []
+    if args.jobs:  # an explicit list, in that order (a later call adding seeds to a grid)
+        for item in args.jobs:
+            task, name, seed = [*item.split(":"), "", "", ""][:3]
+            if task not in TASKS or not seed.isdigit() or item.count(":") != 2:
+                raise SystemExit(f"quality: --jobs {item!r}: want TASK:CONFIG:SEED, TASK one of "
+                                 f"{', '.join(TASKS)}, SEED a whole number")
+            config_of(name)  # exits on an unknown configuration
+            jobs.append(("run", task, name, int(seed)))
+        return jobs
     configs = list(args.configs)
     dyn = [f"{DYNAMIC_PREFIX}{b}" for b in args.dyn_budgets]
     if dyn and not dynamic_supported():
         print("drive: no quantization.dynamic_budget_mib in this checkout: no dynamic rows")
         dyn = []
-    jobs: list[tuple[Any, ...]] = []
-    if args.jobs:  # an explicit list, in that order (a later call adding seeds to a grid)
-        for item in args.jobs:
-            task, name, seed = item.split(":")
-            if task not in TASKS:
-                raise SystemExit(f"quality: --jobs {item!r}: unknown task {task!r}")
-            config_of(name)  # exits on an unknown configuration
-            jobs.append(("run", task, name, int(seed)))
-        return jobs
     if args.ppl:
         # dynamic 4-bit's base perplexity comes with each of its runs (its own skip list)
         jobs += [("ppl", task, mode, 0) for task in args.tasks for mode in ("16bit", "4bit")]
