@@ -12,7 +12,9 @@
 #                 the Gemma 3 1B fixed-length VRAM points (a per-process allocator peak: the
 #                 grid's work on the same card does not change it) and the pre-quantized
 #                 checkpoint GPU test
-# Carry: speed .whl; park .dev/qgrid1 (part1); quality .dev/qgrid (bench/quality/stage.sh).
+#   gemma OUT     wheels into /tmp/site; Gemma 3 1B fixed-length points the estimator's Gemma
+#                 terms were not fitted to, and Gemma 3 4B (its language model) points
+# Carry: speed .whl; gemma .whl; park .dev/qgrid1 (part1); quality .dev/qgrid (bench/quality/stage.sh).
 set -uo pipefail
 call=${1:?speed|park|quality}
 out=${2:?OUT}
@@ -33,10 +35,29 @@ speed() {  # speed NAME BUDGET RUNNERS: speed_data.py into /tmp/NAME, packed as 
   tar czf "$out/$name.tgz" -C /tmp "$name" "$name.log"
   grep -E '^\{"runner"|^total|exited' "/tmp/$name.log" | cut -c1-700
 }
+wheels() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && python3 -m compileall -q /tmp/site >/dev/null
+}
+points() {  # points SHAPE SEQxMB,... : one vram_grid worker (Unsloth), into OUT/SHAPE-points.jsonl
+  HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTORCH_ALLOC_CONF= \
+    timeout 400 python3 bench/vram_grid.py worker --shape "$1" --backend unsloth \
+    --model-dir "/tmp/models/$1" --points "$2" --results "$out/$1-points.jsonl" --steps 3 \
+    --concurrent >"/tmp/$1.log" 2>&1
+  echo "$1 worker exited $?" >>"/tmp/$1.log"
+  tail -c 15000 "/tmp/$1.log" >"$out/$1.log"
+}
 case "$call" in
+  gemma)
+    wheels
+    versions
+    python3 bench/random_models.py /tmp/models gemma-3-1b gemma-3-4b >"$out/models.log" 2>&1
+    points gemma-3-1b 1024x4,4096x1,4096x2,2048x8,16384x1 &
+    points gemma-3-4b 2048x1,2048x4,4096x2,8192x2 &
+    wait
+    grep -hE 'reserved|exited|Error' /tmp/gemma-3-1b.log /tmp/gemma-3-4b.log | tail -30 ;;
   speed)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-      && python3 -m compileall -q /tmp/site >/dev/null
+    wheels
     versions
     speed speed 470 qlora-24gb,qlora-80gb,qlora-today,unsloth-2x8,hf-2x8 ;;
   park)

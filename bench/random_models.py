@@ -112,6 +112,22 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
         "torch_dtype": "bfloat16",
     },
+    # Gemma 3 4B's language model (text_config of the multimodal checkpoint, loaded text-only).
+    "gemma-3-4b": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "hidden_size": 2560,
+        "intermediate_size": 10240,
+        "num_hidden_layers": 34,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "vocab_size": 262208,
+        "max_position_embeddings": 131072,
+        "sliding_window": 1024,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    },
     # Tiny shapes for checking the scripts' logic on a CPU.
     "tiny": _llama3(64, 128, 2, 4, False, 8.0, kv=2) | {"vocab_size": 512},
 }

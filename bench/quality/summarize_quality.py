@@ -1,6 +1,9 @@
 """Summarize ``results.jsonl`` of ``bench/quality/quality.py drive``: Markdown tables and a PNG.
 
-    python3 bench/quality/summarize_quality.py RESULTS.jsonl [--plot OUT.png] [--json OUT.json]
+    python3 bench/quality/summarize_quality.py RESULTS.jsonl [MORE.jsonl ...] [--plot OUT.png] [--json OUT.json]
+
+Several results files (runs of the same grid that add seeds, e.g. ``--jobs``) are merged; the
+same task, configuration and seed twice is refused rather than silently picking one.
 
 * **runs**: per task and configuration, over its seeds: the adapter's held-out accuracy
   (mean over seeds; each seed's Wilson 95 % interval), the adapter's held-out loss per answer
@@ -228,10 +231,18 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _row_ci(r4: list[float], rd: list[float], r16: list[float]) -> tuple[float, float] | None:
-    """95 % bootstrap interval (rows resampled, 2,000 times) of the recovered share, from the
-    per-row mean losses of the same held-out rows in the three precisions."""
+def _row_ci(
+    r4: list[float], rd: list[float], r16: list[float]
+) -> tuple[float, float, float] | None:
+    """The recovered share with every held-out row weighted equally (per-row mean losses of the
+    same rows in the three precisions), and its 95 % bootstrap interval (rows resampled, 2,000
+    times): ``(share, low, high)``. The token-weighted share beside it in the table has no
+    interval, because the rows' token counts are not recorded; the two differ where long rows
+    gain more or less than short ones."""
     if not (len(r4) == len(rd) == len(r16)) or not r4:
+        return None
+    point = _recover(sum(r4), sum(rd), sum(r16))
+    if point is None:
         return None
     import random
 
@@ -243,7 +254,7 @@ def _row_ci(r4: list[float], rd: list[float], r16: list[float]) -> tuple[float, 
         if gap != 0:
             shares.append(sum(r4[i] - rd[i] for i in idx) / gap)
     shares.sort()
-    return shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
+    return point, shares[int(0.025 * len(shares))], shares[int(0.975 * len(shares)) - 1]
 
 
 def _recover(x4: float, xd: float, x16: float) -> float | None:
@@ -312,7 +323,8 @@ def recovered(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def recovered_table(rec: list[dict[str, Any]]) -> str:
     out = [
-        "| task | 16-bit budget (MiB) | base whole-text loss (95% CI, rows bootstrapped) | "
+        "| task | 16-bit budget (MiB) | base whole-text loss: per token; per row (95% CI, "
+        "rows bootstrapped) | "
         "base answer loss | adapter loss (gap nf4 minus 16-bit) | "
         "adapter accuracy (gap 16-bit minus nf4, points) |",
         "|---|---|---|---|---|---|",
@@ -330,7 +342,7 @@ def recovered_table(rec: list[dict[str, Any]]) -> str:
         nogap = "n/a: no gap beyond noise"
         out.append(
             f"| {r['task']} | {r['budget_mib']:g} | {f(r.get('base_text_loss'))}"
-            f"{f' ({100 * ci[0]:.0f} to {100 * ci[1]:.0f}%)' if ci else ''} | "
+            f"{f'; {100 * ci[0]:.0f}% ({100 * ci[1]:.0f} to {100 * ci[2]:.0f}%)' if ci else ''} | "
             f"{f(r.get('base_answer_loss'))} | {f(r.get('adapter_loss'), nogap)}"
             f"{f' ({lgap:+.4f})' if lgap is not None else ''} | "
             f"{f(r.get('adapter_accuracy'), nogap)}{f' ({gap:+.1f})' if gap is not None else ''} |"
@@ -439,10 +451,33 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
     return True
 
 
-def summarize(results: Path, plot_to: Path | None = None, json_to: Path | None = None) -> int:
-    rows = load(results)
+def load_all(paths: list[Path]) -> list[dict[str, Any]]:
+    """Rows of every file; a run (task, config, seed) or a ppl row (task, mode) that appears in
+    two files exits with both names."""
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], Path] = {}
+    for path in paths:
+        for row in load(path):
+            if row["kind"] == "run":
+                key: tuple[Any, ...] = ("run", row["task"], row.get("config"), row.get("seed"))
+            elif row["kind"] == "ppl":
+                key = ("ppl", row["task"], row.get("mode"))
+            else:
+                key = ("other", len(rows))
+            if key in seen:
+                sys.exit(f"{path}: {' '.join(map(str, key))} is also in {seen[key]}")
+            seen[key] = path
+            rows.append(row)
+    return rows
+
+
+def summarize(
+    results: Path | list[Path], plot_to: Path | None = None, json_to: Path | None = None
+) -> int:
+    paths = [results] if isinstance(results, Path) else list(results)
+    rows = load_all(paths)
     if not any(r["kind"] == "run" and "evaluation" in r for r in rows):
-        print(f"{results}: no evaluated runs", file=sys.stderr)
+        print(f"{' '.join(map(str, paths))}: no evaluated runs", file=sys.stderr)
         return 2
     comps, rec = comparisons(rows), recovered(rows)
     print("### Runs\n\n" + runs_table(rows))
@@ -466,7 +501,7 @@ def summarize(results: Path, plot_to: Path | None = None, json_to: Path | None =
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("results", type=Path)
+    p.add_argument("results", type=Path, nargs="+")
     p.add_argument("--plot", type=Path)
     p.add_argument("--json", type=Path)
     args = p.parse_args()

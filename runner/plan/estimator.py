@@ -84,6 +84,16 @@ class Calibration:
             of 32 layers kept, 1B with 14 of 16, both T = 12,949; VRAM.md).
         dynamic_4bit_allowance: Extra weight bytes of a dynamic 4-bit model when its config
             does not list the skipped modules (Unsloth: "<10 % more VRAM than BnB 4bit").
+        unsloth_loss_vocab_share: Share of Unsloth's fixed workspace that is its fused loss,
+            which goes through the logits in chunks of a fixed token count, so it grows with
+            the vocabulary: the share scales by ``vocab / unsloth_loss_ref_vocab``. 0.75, from
+            run8's Gemma-3-1B points (vocab 262,144: its batch-independent part was 0.3 GiB
+            above Llama's); Llama's 128,256 is unchanged, Qwen3's 151,936 adds 0.07 GiB.
+        unsloth_loss_ref_vocab: The vocabulary :attr:`BackendFit.fixed_bytes` was measured at.
+        sliding_mask_bytes: Bytes per (row x query x key) of the masks a sliding-window model
+            builds when the sequence is longer than its window: 3, a sliding-window mask in
+            bf16 (an additive float mask for SDPA) and the full-attention layers' boolean one,
+            which run8's Gemma-3-1B 8192 x 2 point needs (1 B per element left it -9 %).
         host_base_bytes: Host RAM of the training process without offload (Python, CUDA
             libraries, tokenizer, dataset, one checkpoint shard while loading).
         host_offload_factor: Host RAM per byte of Unsloth's offloaded activations. PyTorch's
@@ -108,6 +118,9 @@ class Calibration:
     uncheckpointed_factor: float = 1.0
     no_checkpoint_factor: float = 1.0
     unsloth_kept_factor: float = 1.0
+    unsloth_loss_vocab_share: float = 0.75
+    sliding_mask_bytes: float = 3.0
+    unsloth_loss_ref_vocab: int = 128_256
     host_base_bytes: int = 8 * GIB
     host_offload_factor: float = 2.0
     provenance: str = (
@@ -242,7 +255,10 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
     a = _act_bytes(t)
     h, f, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
     # RMSNorm saves its fp32 input and the normalised tensor (fp32 for Gemma, else compute dtype).
-    norm = (8 if shape.fp32_norm else 4 + a) * h
+    # Unsloth compiles Gemma's blocks (torch.compile): the fused norm keeps its input in the
+    # compute dtype and one fp32 per row, and recomputes the fp32 upcast in backward.
+    compiled = t.backend == "unsloth" and shape.fp32_norm
+    norm = a * h + 4 if compiled else (8 if shape.fp32_norm else 4 + a) * h
     total = shape.norms_per_layer * norm
     total += 2 * a * h  # input of q/k/v (shared) and of gate/up (shared)
     total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
@@ -250,6 +266,8 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
         if t.backend == "unsloth" and not shape.fp32_norm:
             # Unsloth's Qwen3 attention norms q and k with its fused RMS kernel (input kept in
             # the compute dtype, one fp32 per row): run7's Qwen3-1.7B grid points.
+            total += a * (q + kv)
+        elif compiled:
             total += a * (q + kv)
         else:
             total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
@@ -569,7 +587,7 @@ def estimate(
     if t.backend == "transformers" and t.padded:
         masks += b * s * s  # 4-D boolean padding mask for SDPA
     if shape.sliding_window and s > shape.sliding_window:
-        masks += b * s * s
+        masks += int(b * s * s * cal.sliding_mask_bytes)
     if shape.attn_logit_softcapping:
         # Soft-capped scores need eager attention: tanh out, fp32 softmax, probs, per layer.
         masks += b * shape.num_heads * s * s * (2 * a + 4)
@@ -592,13 +610,15 @@ def estimate(
                 f"{fit.slack_fraction:.0%} of checkpoints and working set (caching allocator)",
             )
         )
-    terms.append(
-        VramTerm(
-            "workspaces",
-            fit.fixed_bytes,
-            f"{t.backend}: cuBLAS, kernel and loss workspaces (measured)",
-        )
-    )
+    fixed, fixed_note = fit.fixed_bytes, f"{t.backend}: cuBLAS, kernel and loss workspaces (measured)"
+    if t.backend == "unsloth" and fixed:
+        # The fused loss works through the logits in chunks of a fixed token count, so its
+        # share of the workspace grows with the vocabulary (fitted at Llama-3's 128,256).
+        share = cal.unsloth_loss_vocab_share
+        scale = (1 - share) + share * shape.vocab_size / cal.unsloth_loss_ref_vocab
+        fixed = int(fixed * scale)
+        fixed_note += f"; the loss's {share:.0%} scaled to vocab {shape.vocab_size}"
+    terms.append(VramTerm("workspaces", fixed, fixed_note))
     terms.append(
         VramTerm(
             "cuda_context", cal.cuda_context_bytes, "CUDA context, outside the PyTorch allocator"
