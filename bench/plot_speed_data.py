@@ -1,7 +1,8 @@
 """Plot tokens/s and peak reserved memory per runner of a realistic-data run (no dependencies).
 
 Usage: ``python3 bench/plot_speed_data.py [RUN]`` (default ``run7-data``) writes
-``speed/RUN/speed.svg`` from ``results-printed.jsonl`` (run7) or ``results.jsonl``: steady
+``speed/RUN/speed.svg`` from ``results-printed.jsonl`` (run7), ``speed-results.jsonl`` (run8)
+or ``results.jsonl``: steady
 tokens/s (the run's own window, steps ``warm``..last) and peak reserved GiB per runner.
 """
 
@@ -15,9 +16,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def rows(run: Path) -> list[dict]:
-    src = run / "results-printed.jsonl"
-    if not src.is_file():
-        src = run / "results.jsonl"
+    for name in ("results-printed.jsonl", "speed-results.jsonl", "results.jsonl"):
+        src = run / name  # run7 printed its records; run8 named them after its call
+        if src.is_file():
+            break
     out = []
     for line in src.read_text().splitlines():
         r = json.loads(line)

@@ -90,10 +90,13 @@ class Calibration:
             run8's Gemma-3-1B points (vocab 262,144: its batch-independent part was 0.3 GiB
             above Llama's); Llama's 128,256 is unchanged, Qwen3's 151,936 adds 0.07 GiB.
         unsloth_loss_ref_vocab: The vocabulary :attr:`BackendFit.fixed_bytes` was measured at.
-        sliding_mask_bytes: Bytes per (row x query x key) of the masks a sliding-window model
-            builds when the sequence is longer than its window: 3, a sliding-window mask in
-            bf16 (an additive float mask for SDPA) and the full-attention layers' boolean one,
-            which run8's Gemma-3-1B 8192 x 2 point needs (1 B per element left it -9 %).
+        unsloth_long_sequence_reserve_bytes: Unsloth with a sliding-window model (Gemma 3)
+            past its window: reserved memory per (row x seq^2) on top of the 1 B sliding mask.
+            Not allocated memory: at equal tokens the allocated peaks are equal
+            (bench/speed/run9-data: 2048x8, 8192x2, 16384x1 all 2.81 GiB at Gemma-3-1B) but
+            the reserved ones grow with the sequence (3.13, 3.49, 3.53 GiB): the caching
+            allocator holds longer sequences' blocks. 2.0, from run8's 8192 x 2 point (-9 %
+            without it); run9 checks it on other shapes.
         host_base_bytes: Host RAM of the training process without offload (Python, CUDA
             libraries, tokenizer, dataset, one checkpoint shard while loading).
         host_offload_factor: Host RAM per byte of Unsloth's offloaded activations. PyTorch's
@@ -119,7 +122,7 @@ class Calibration:
     no_checkpoint_factor: float = 1.0
     unsloth_kept_factor: float = 1.0
     unsloth_loss_vocab_share: float = 0.75
-    sliding_mask_bytes: float = 3.0
+    unsloth_long_sequence_reserve_bytes: float = 2.0
     unsloth_loss_ref_vocab: int = 128_256
     host_base_bytes: int = 8 * GIB
     host_offload_factor: float = 2.0
@@ -587,12 +590,22 @@ def estimate(
     if t.backend == "transformers" and t.padded:
         masks += b * s * s  # 4-D boolean padding mask for SDPA
     if shape.sliding_window and s > shape.sliding_window:
-        masks += int(b * s * s * cal.sliding_mask_bytes)
+        masks += b * s * s
     if shape.attn_logit_softcapping:
         # Soft-capped scores need eager attention: tanh out, fp32 softmax, probs, per layer.
         masks += b * shape.num_heads * s * s * (2 * a + 4)
     if masks:
         terms.append(VramTerm("attention_masks", masks, "attention masks / eager scores"))
+    if t.backend == "unsloth" and shape.sliding_window and s > shape.sliding_window:
+        long_seq = int(b * s * s * cal.unsloth_long_sequence_reserve_bytes)
+        terms.append(
+            VramTerm(
+                "long_sequence_reserve",
+                long_seq,
+                f"{cal.unsloth_long_sequence_reserve_bytes:g} B x rows x seq^2 past the sliding "
+                "window: cached blocks, not in the allocated peak (fitted on Gemma 3)",
+            )
+        )
 
     extra = 0
     if t.gradient_checkpointing and _checkpointed(shape, t) < shape.num_layers:
