@@ -381,8 +381,10 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
                 continue
             accs = [e["adapter"]["accuracy"] for e in by[name].values()]
             n = sum(e["adapter"]["scored_rows"] for e in by[name].values())
-            m = statistics.fmean(accs)
-            pts.append((x, m, 1.96 * math.sqrt(m * (1 - m) / n), accs))
+            m, half = _mean_ci(accs)
+            if half is None:  # one seed: the binomial interval of its rows
+                half = 1.96 * math.sqrt(m * (1 - m) / n)
+            pts.append((x, m, half, accs))
         pts.sort()
         if pts:
             ax.errorbar(
@@ -392,7 +394,7 @@ def plot(rows: list[dict[str, Any]], dest: Path) -> bool:
                 fmt="o-",
                 color=f"C{i}",
                 capsize=3,
-                label=f"{task}: adapter (mean over seeds; dots: seeds; bars: binomial 95%)",
+                label=f"{task}: adapter (mean; dots: seeds; bars: 95% t over seeds)",
             )
             for p in pts:
                 ax.scatter(
