@@ -310,8 +310,9 @@ def test_estimate_holds_for_run8s_picked_plans(runner: str) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="run7's record only: its 80GB plan (no checkpointing) reserved 60.1 GiB for 47.5 allocated "
-    "(+27 % with expandable segments; the evaluation phase, whose batches grew, since fixed); the "
+    reason="run7's record only: its 80GB plan (no checkpointing) reserved 60.1 GiB for 47.5 "
+    "allocated (+27 % with expandable segments; the evaluation phase, whose batches grew, since "
+    "fixed); the "
     "estimate is -16 % of that. run8 re-measured it after the fix: +2.8 % "
     "(test_estimate_holds_for_run8s_picked_plans)",
 )

@@ -623,7 +623,10 @@ def estimate(
                 f"{fit.slack_fraction:.0%} of checkpoints and working set (caching allocator)",
             )
         )
-    fixed, fixed_note = fit.fixed_bytes, f"{t.backend}: cuBLAS, kernel and loss workspaces (measured)"
+    fixed, fixed_note = (
+        fit.fixed_bytes,
+        f"{t.backend}: cuBLAS, kernel and loss workspaces (measured)",
+    )
     if t.backend == "unsloth" and fixed:
         # The fused loss works through the logits in chunks of a fixed token count, so its
         # share of the workspace grows with the vocabulary (fitted at Llama-3's 128,256).
