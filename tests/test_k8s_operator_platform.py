@@ -129,9 +129,12 @@ def test_one_replica_leads_and_the_standby_takes_over_when_it_is_killed(
 ) -> None:
     cp, ns = kube_control_plane, kube_namespace
     # Both replicas become Ready (a standby too: a rolling update waits for that), one leads.
-    states = cp.wait_for("both replicas ready", lambda: (
-        all(p.ready() for p in operators) and sorted(p.ready() or "" for p in operators)),
-        timeout_s=60)
+    # Both report "standby" until one has won the Lease, so wait for the leader as well.
+    def _states() -> list[str] | None:
+        states = sorted(p.ready() or "" for p in operators)
+        return states if all(states) and "ok: leader" in states else None
+
+    states = cp.wait_for("both replicas ready, one leading", _states, timeout_s=60)
     assert states == ["ok: leader", "ok: standby"]
     leader = next(p for p in operators if p.ready() == "ok: leader")
     standby = next(p for p in operators if p is not leader)

@@ -633,7 +633,8 @@ def estimate(
         share = cal.unsloth_loss_vocab_share
         scale = (1 - share) + share * shape.vocab_size / cal.unsloth_loss_ref_vocab
         fixed = int(fixed * scale)
-        fixed_note += f"; the loss's {share:.0%} scaled to vocab {shape.vocab_size}"
+        if shape.vocab_size != cal.unsloth_loss_ref_vocab:
+            fixed_note += f"; the loss's {share:.0%} scaled to vocab {shape.vocab_size}"
     terms.append(VramTerm("workspaces", fixed, fixed_note))
     terms.append(
         VramTerm(
