@@ -333,7 +333,12 @@ def test_an_out_of_memory_exit_replans_and_the_new_job_resumes(
                  if p["metadata"]["labels"].get("qlora-runner.io/attempt") == "1"]
     records = log_records(cluster, rel.ns, second)
     resumed = [r for r in records if "resuming from checkpoint step" in r.get("msg", "")]
-    assert resumed and resumed[0]["checkpoint_step"] == OOM_STEP // every * every, \
+    # The last scheduled checkpoint before the OOM, or a later step: Kubernetes 1.20 has no
+    # podFailurePolicy, so the Job controller may start a replacement attempt-0 pod before the
+    # operator deletes that Job; it resumes from the same checkpoint, and the deletion's SIGTERM
+    # makes it commit the step it reached (a preemption checkpoint), which attempt 1 resumes.
+    first = OOM_STEP // every * every
+    assert resumed and first <= resumed[0]["checkpoint_step"] < OOM_STEP, \
         [r.get("msg") for r in records][:40]
     manifests = run_manifests(s3_server, s3_inputs["bucket"], "adapters/oomed/")
     assert len(manifests) == 1 and manifests[0]["training"]["steps"] == steps
