@@ -115,29 +115,25 @@ def test_grid_runs_every_configuration_of_a_seed_before_the_next(tmp_path: Path)
 
 
 def test_results_files_merge_and_a_repeated_seed_is_refused(tmp_path: Path) -> None:
-    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
-    a.write_text(
-        "".join(
-            json.dumps(r) + "\n"
-            for r in (
-                _run("t", "qlora-nf4", 1, 0.60, 0.21, 3.0),
-                _run("t", "lora-16bit", 1, 0.64, 0.20, 2.0),
-            )
-        )
+    def write(name: str, *rows: Any) -> Path:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    a = write(
+        "a.jsonl",
+        _run("t", "qlora-nf4", 1, 0.60, 0.21, 3.0),
+        _run("t", "lora-16bit", 1, 0.64, 0.20, 2.0),
     )
-    b.write_text(
-        "".join(
-            json.dumps(r) + "\n"
-            for r in (
-                _run("t", "qlora-nf4", 2, 0.62, 0.22, 3.0),
-                _run("t", "lora-16bit", 2, 0.68, 0.19, 2.0),
-            )
-        )
+    b = write(
+        "b.jsonl",
+        _run("t", "qlora-nf4", 2, 0.62, 0.22, 3.0),
+        _run("t", "lora-16bit", 2, 0.68, 0.19, 2.0),
     )
     rows = summ.load_all([a, b])
     (comp,) = [x for x in summ.comparisons(rows) if x["a"] == "qlora-nf4"]
     assert comp["seeds"] == [1, 2]  # paired over the seeds of both files
     assert comp["acc_diff"] == pytest.approx(-0.05)  # mean of -0.04 and -0.06
-    c.write_text(json.dumps(_run("t", "qlora-nf4", 2, 0.5, 0.3, 3.0)) + "\n")
+    c = write("c.jsonl", _run("t", "qlora-nf4", 2, 0.5, 0.3, 3.0))
     with pytest.raises(SystemExit, match="run t qlora-nf4 2 is also in"):
         summ.load_all([a, b, c])

@@ -134,8 +134,8 @@ def _config(name: str) -> dict[str, Any]:
     return dict(found.config)
 
 
-def _run(folder: str, runner: str) -> dict[str, Any]:
-    lines = (BENCH / folder / "results.jsonl").read_text().splitlines()
+def _run(folder: str, runner: str, name: str = "results.jsonl") -> dict[str, Any]:
+    lines = (BENCH / folder / name).read_text().splitlines()
     return next(r for r in map(json.loads, lines) if r.get("runner") == runner)
 
 
@@ -277,24 +277,12 @@ def test_run7_80gb_estimate_covers_allocated() -> None:
 
 
 def _run8(runner: str) -> tuple[float, int]:
-    """The current estimator on the plan run8's pod picked (its re-plan: micro batch,
-    checkpointed layers, largest micro batch in tokens), and the measured peak reserved."""
-    lines = (BENCH / "run8-data" / "speed-results.jsonl").read_text().splitlines()
-    rec = next(r for r in map(json.loads, lines) if r.get("runner") == runner)
-    rp = rec["replan"]  # the pod's re-plan on the ordered rows, not the submit-time plan
-    t = TrainingShape(
-        "4bit",
-        "unsloth",
-        rp["micro_batch_size"],
-        2048,
-        16,
-        tokens_per_micro_batch=rp["peak_micro_batch_tokens"],
-        gradient_checkpointing=bool(rp["gradient_checkpointing"]),
-        checkpointed_layers=rp["checkpointed_layers"],
-    )
-    est = float(estimate(shape_from_config(_config(rec["shape"])), t).reserved_bytes)
+    """The current estimator on the plan run8's pod picked (its re-plan), and the highest
+    peak reserved of the training, verification and evaluation phases."""
+    rec = _run("run8-data", runner, "speed-results.jsonl")
+    est, _, _ = _measured_plan(rec)
     phases = ("training", "verifying", "evaluating")
-    return est, max(int(rp[f"{p}_peak_reserved_bytes"]) for p in phases)
+    return est, max(int(rec["replan"][f"{p}_peak_reserved_bytes"]) for p in phases)
 
 
 @pytest.mark.parametrize("runner", ["qlora-24gb", "qlora-80gb"])

@@ -178,6 +178,16 @@ def test_70b_per_layer_fit_places_70b_qlora_in_48gb() -> None:
     assert est.total_bytes <= usable
 
 
+def _fixed_length_error(
+    config: dict[str, Any], model: str, rec: dict[str, Any], measured: float
+) -> float:
+    """The estimate's error against ``measured`` reserved bytes for a fixed-length point
+    (Unsloth, all layers checkpointed, r 16) of ``config``."""
+    shape = shape_from_config(config, model)
+    t = TrainingShape("4bit", "unsloth", rec["micro_batch"], rec["seq"], 16, padded=False)
+    return estimate(shape, t).reserved_bytes / measured - 1
+
+
 RUN7_POINTS = REPO / "bench" / "speed" / "run7-data" / "vram-points.jsonl"
 
 
@@ -194,9 +204,8 @@ def test_fixed_length_points_of_run7(rec: dict[str, Any]) -> None:
     sys.path.insert(0, str(REPO / "bench"))
     from random_models import SHAPES
 
-    shape = shape_from_config(SHAPES[rec["model"]], rec["model"])
-    t = TrainingShape("4bit", "unsloth", rec["micro_batch"], rec["seq"], 16, padded=False)
-    error = estimate(shape, t).reserved_bytes / (rec["max_memory_reserved_gib"] * 2**30) - 1
+    measured = rec["max_memory_reserved_gib"] * 2**30
+    error = _fixed_length_error(SHAPES[rec["model"]], rec["model"], rec, measured)
     assert -MAX_UNDER <= error <= MAX_OVER, error
 
 
@@ -211,11 +220,9 @@ RUN8_GEMMA = REPO / "bench" / "speed" / "run8-data" / "gemma-points.jsonl"
 def test_fixed_length_gemma_points_of_run8(rec: dict[str, Any]) -> None:
     """Gemma-3-1B (fixed-length rows, Unsloth, all layers checkpointed, bench/speed/run8-data):
     within -5 % .. +10 % of peak reserved. These three points set the Gemma terms (compiled
-    norms, the loss workspace's vocabulary share, the sliding-window masks), so this test
+    norms, the loss workspace's vocabulary share, the long-sequence reserve), so this test
     holds the fit; bench/speed/run9-data checks it on points it was not fitted to."""
-    shape = shape_from_config(rec["config"], rec["model"])
-    t = TrainingShape("4bit", "unsloth", rec["micro_batch"], rec["seq"], 16, padded=False)
-    error = estimate(shape, t).reserved_bytes / rec["max_memory_reserved_bytes"] - 1
+    error = _fixed_length_error(rec["config"], rec["model"], rec, rec["max_memory_reserved_bytes"])
     assert -MAX_UNDER <= error <= MAX_OVER, f"{error:+.1%}"
 
 
@@ -232,25 +239,20 @@ def test_gemma_points_the_terms_were_not_fitted_to(rec: dict[str, Any]) -> None:
     """bench/speed/run9-data: Gemma-3-1B at other shapes and Gemma-3-4B's language model, plus
     a repeat of run8's points, measured after the Gemma terms were fitted: -5 % .. +10 %."""
     assert not rec.get("oom") and rec["max_memory_reserved_bytes"], rec.get("error")
-    shape = shape_from_config(rec["config"], rec["model"])
-    t = TrainingShape("4bit", "unsloth", rec["micro_batch"], rec["seq"], 16, padded=False)
-    error = estimate(shape, t).reserved_bytes / rec["max_memory_reserved_bytes"] - 1
+    error = _fixed_length_error(rec["config"], rec["model"], rec, rec["max_memory_reserved_bytes"])
     assert -MAX_UNDER <= error <= MAX_OVER, f"{error:+.1%}"
 
 
 def test_run9_predictions_are_what_the_estimator_says() -> None:
     """The predictions committed before run9 are the estimator's current numbers: a later
     change to the Gemma terms must re-measure, not quietly re-fit to run9."""
+    configs = {
+        r["model"]: r["config"]
+        for f in RUN9_POINTS
+        for r in map(json.loads, f.read_text().splitlines())
+    }
     for line in (RUN9 / "predictions.jsonl").read_text().splitlines():
         p = json.loads(line)
-        cfg = json.loads(
-            next(
-                x
-                for f in RUN9_POINTS
-                for x in f.read_text().splitlines()
-                if json.loads(x)["model"] == p["model"]
-            )
-        )["config"]
         t = TrainingShape("4bit", "unsloth", p["micro_batch"], p["seq"], 16, padded=False)
-        got = estimate(shape_from_config(cfg, p["model"]), t).reserved_bytes
+        got = estimate(shape_from_config(configs[p["model"]], p["model"]), t).reserved_bytes
         assert got == p["estimate_reserved_bytes"], p

@@ -473,10 +473,7 @@ def load_all(paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def summarize(
-    results: Path | list[Path], plot_to: Path | None = None, json_to: Path | None = None
-) -> int:
-    paths = [results] if isinstance(results, Path) else list(results)
+def summarize(paths: list[Path], plot_to: Path | None = None, json_to: Path | None = None) -> int:
     rows = load_all(paths)
     if not any(r["kind"] == "run" and "evaluation" in r for r in rows):
         print(f"{' '.join(map(str, paths))}: no evaluated runs", file=sys.stderr)

@@ -266,11 +266,9 @@ def layer_activation_bytes_per_token(shape: ModelShape, t: TrainingShape) -> flo
     total += 2 * a * h  # input of q/k/v (shared) and of gate/up (shared)
     total += a * (q + 2 * kv)  # q, k, v after RoPE, saved by the attention kernel
     if shape.qk_norm:
-        if t.backend == "unsloth" and not shape.fp32_norm:
-            # Unsloth's Qwen3 attention norms q and k with its fused RMS kernel (input kept in
-            # the compute dtype, one fp32 per row): run7's Qwen3-1.7B grid points.
-            total += a * (q + kv)
-        elif compiled:
+        if t.backend == "unsloth":
+            # Unsloth norms q and k with its fused RMS kernel (Qwen3) or a compiled one (Gemma
+            # 3): input kept in the compute dtype, one fp32 per row (run7's Qwen3-1.7B points).
             total += a * (q + kv)
         else:
             total += (8 if shape.fp32_norm else 4 + a) * (q + kv)
