@@ -7,6 +7,7 @@
 #                 checkpointed, no varlen patch, default allocator), bare Unsloth 2 x 8 and
 #                 plain HF + TRL 2 x 8 (issue 13's ratios, steady MFU and 80GB estimate; no
 #                 profiler, so every step is a clean step)
+#   speed-hf OUT  the 24GB-class plan and plain HF + TRL 2 x 8 alone, on the same rows
 #   park OUT      parks the GGUF's first half in /tmp/qm
 #   quality OUT   bench/quality/gpu.sh stage2 (more seeds of the grid, --jobs) and, beside it,
 #                 the Gemma 3 1B fixed-length VRAM points (a per-process allocator peak: the
@@ -60,6 +61,10 @@ case "$call" in
     wheels
     versions
     speed speed 470 qlora-24gb,qlora-80gb,qlora-today,unsloth-2x8,hf-2x8 ;;
+  speed-hf)  # the 24GB plan against plain HF + TRL 2 x 8 alone (when speed's budget missed it)
+    wheels
+    versions
+    speed speed-hf 330 qlora-24gb,hf-2x8 ;;
   park)
     mkdir -p /tmp/qm && cp .dev/qgrid1/part1 /tmp/qm/part1 && ls -la /tmp/qm ;;
   quality)

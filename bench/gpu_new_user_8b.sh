@@ -15,6 +15,7 @@ shape=${SHAPE:-llama-3.1-8b}  # SHAPE=tiny tries the script on a CPU
 format=${FORMAT:-messages}    # FORMAT=text: the same token counts as plain text rows
 train_on=${TRAIN_ON:-}        # TRAIN_ON=all: loss on every token (default: the spec's)
 gpu_class=${GPU_CLASS:-}      # GPU_CLASS=80GB: resources.gpu_class (plan for that class)
+max_steps=${MAX_STEPS:-}      # MAX_STEPS=12: training.max_steps instead of one epoch
 work=$(mktemp -d)
 mkdir -p "$out"
 [ -f "$models/$shape/config.json" ] \
@@ -39,7 +40,7 @@ with open(sys.argv[1], "w") as fh:
         ]}) + "\n")
 EOF
 head -c 2000 "$work/train.jsonl" >"$out/data-head.jsonl"
-python3 - "$models/$shape" "$work/train.jsonl" "$work/store" "$format" "$train_on" "$gpu_class" \
+python3 - "$models/$shape" "$work/train.jsonl" "$work/store" "$format" "$train_on" "$gpu_class" "$max_steps" \
   >"$out/spec.yaml" <<'EOF'
 import sys, yaml
 doc = yaml.safe_load(open("examples/llama-3.1-8b.yaml"))
@@ -51,6 +52,8 @@ if sys.argv[4] == "text" or sys.argv[5]:
     s["dataset"]["train_on"] = "all"
 if sys.argv[6]:
     s["resources"]["gpu_class"] = sys.argv[6]
+if sys.argv[7]:
+    s["training"]["max_steps"] = int(sys.argv[7])
 s["output"]["uri"] = f"file://{sys.argv[3]}"
 s["metrics"] = {"enabled": True, "port": 9400}
 print(yaml.safe_dump(doc, sort_keys=False))

@@ -19,10 +19,24 @@ for v in ${VARIANTS:-messages text messages-all}; do
     text) env=(FORMAT=text) ;;
     messages-all) env=(TRAIN_ON=all) ;;
     80gb-*) env=(GPU_CLASS=80GB QLORA_COMPILE_CACHE_DIR=/tmp/nu-cache) ;;
+    # the allocator's history, summarised by bench/memory_snapshot_summary.py
+    history) env=(QLORA_CUDA_MEMORY_HISTORY=/tmp/nu-snap/history.pickle) ;;
+    # the allocator variable set before Python starts, not by the runner
+    env-alloc) env=(PYTORCH_ALLOC_CONF=expandable_segments:True) ;;
+    steps12) env=(MAX_STEPS=12) ;;  # as bench/speed_data.py runs it: 12 steps
   esac
-  env "${env[@]}" timeout 170 bash bench/gpu_new_user_8b.sh "/tmp/nu/$v" /tmp/models >/dev/null 2>&1
+  env "${env[@]}" timeout 200 bash bench/gpu_new_user_8b.sh "/tmp/nu/$v" /tmp/models >/dev/null 2>&1
   echo "$v: exit $?"
   grep -oE '"(training|evaluating)_peak_(reserved|allocated)_bytes": [0-9]+|re-planned[^"]*|planned for this[^"]*|resolved: plan.json[^"]*' \
     "/tmp/nu/$v/run.log" | head -8
+  grep -oE '"allocator": \{[^}]*\}' "/tmp/nu/$v/run.log" | head -2
+  if [ -f /tmp/nu-snap/history.pickle ]; then
+    python3 bench/memory_snapshot_summary.py /tmp/nu-snap/history.pickle >"/tmp/nu/$v/history.txt" 2>&1
+    head -60 "/tmp/nu/$v/history.txt"
+    gzip -c /tmp/nu-snap/history.pickle >"/tmp/nu/$v/history.pickle.gz"
+    rm -f /tmp/nu-snap/history.pickle
+    # the tool returns files up to 16 MiB: keep the pickle only when it fits
+    [ "$(stat -c %s "/tmp/nu/$v/history.pickle.gz")" -lt 15000000 ] || rm -f "/tmp/nu/$v/history.pickle.gz"
+  fi
   tar czf "$out/$v.tgz" -C /tmp/nu "$v"
 done

@@ -1,8 +1,8 @@
 """Plot tokens/s and peak reserved memory per runner of a realistic-data run (no dependencies).
 
 Usage: ``python3 bench/plot_speed_data.py [RUN]`` (default ``run7-data``) writes
-``speed/RUN/speed.svg`` from ``results-printed.jsonl`` (run7), ``speed-results.jsonl`` (run8)
-or ``results.jsonl``: steady
+``speed/RUN/speed.svg`` from ``results-printed.jsonl`` (run7), ``speed-results.jsonl`` (run8;
+run10 adds ``speed-hf-results.jsonl``, its second call) or ``results.jsonl``: steady
 tokens/s (the run's own window, steps ``warm``..last) and peak reserved GiB per runner.
 """
 
@@ -20,15 +20,23 @@ def rows(run: Path) -> list[dict]:
         src = run / name  # run7 printed its records; run8 named them after its call
         if src.is_file():
             break
-    out = []
-    for line in src.read_text().splitlines():
-        r = json.loads(line)
-        if "runner" not in r or not r.get("steady_tokens_per_s"):
+    out: list[dict] = []
+    # run10: a second call (speed-hf-results.jsonl) ran the runners the first one's budget
+    # missed; they are added, marked, and never replace a runner of the first call
+    for source, mark in ((src, ""), (run / "speed-hf-results.jsonl", " [2nd call]")):
+        if not source.is_file():
             continue
-        peak = r.get("qlora_gpu_memory_peak_reserved_bytes") or r.get("max_memory_reserved_bytes")
-        label = r["runner"] + (f" ({r['cache']} cache)" if r.get("cache") else "")
-        out.append({"runner": label, "tokens_per_s": r["steady_tokens_per_s"],
-                    "peak_gib": peak / 1024**3, "shape": r["shape"]})
+        seen = {d["name"] for d in out}
+        for line in source.read_text().splitlines():
+            r = json.loads(line)
+            if "runner" not in r or not r.get("steady_tokens_per_s") or r["runner"] in seen:
+                continue
+            peak = (r.get("qlora_gpu_memory_peak_reserved_bytes")
+                    or r.get("max_memory_reserved_bytes"))
+            label = r["runner"] + (f" ({r['cache']} cache)" if r.get("cache") else "") + mark
+            out.append({"name": r["runner"], "runner": label,
+                        "tokens_per_s": r["steady_tokens_per_s"],
+                        "peak_gib": peak / 1024**3, "shape": r["shape"]})
     return out
 
 

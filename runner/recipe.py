@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -111,7 +112,12 @@ def run(
         RunnerError: a subclass whose ``exit_code`` is the documented exit code.
     """
     from runner.train import distributed
+    from runner.train.speedups import apply_allocator_env, apply_compile_cache_env
 
+    # First of all: PyTorch reads its allocator variable when torch is imported, and the
+    # watchdog's callback below imports transformers (and torch) already.
+    apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
+    apply_allocator_env()  # expandable segments (runner.train.speedups)
     settings = settings or load_settings()
     started = time.monotonic()
     rank = distributed.current()  # rank 0 of 1 unless torchrun started this process
@@ -161,6 +167,7 @@ def _run(
     from runner.checkpoints import CheckpointStore, checkpoint_identity
     from runner.publish import new_run_id, publish_adapter
     from runner.train import distributed, select_backend
+    from runner.train.allocator import allocator_report, dump_history, start_history
     from runner.train.backend import cuda_available, cuda_bf16_supported, release_device_memory
     from runner.train.dataset import load_rows
     from runner.train.evaluate import held_out
@@ -172,6 +179,7 @@ def _run(
     from runner.train.preflight import preflight
     from runner.train.progress import make_progress_callback
     from runner.train.resolve import resolve
+    from runner.train.speedups import expandable_requested
     from runner.train.verify import (
         check_reloaded,
         check_weight_update,
@@ -182,10 +190,6 @@ def _run(
     # 1. loading
     rank = distributed.current()
     phase.enter(Phase.LOADING, spec=spec_path, rank=rank.rank, world_size=rank.world_size)
-    from runner.train.speedups import apply_allocator_env, apply_compile_cache_env
-
-    apply_compile_cache_env()  # kernel caches on QLORA_COMPILE_CACHE_DIR, before Unsloth loads
-    apply_allocator_env()  # expandable segments, before CUDA's first allocation
     job = load_spec(spec_path, hint=RUN_SPEC_HINT)
     if job.spec.model.trust_remote_code:
         log.warning(
@@ -303,6 +307,7 @@ def _run(
     resume = checkpoints.restore_latest(work / "resume")  # newest complete one, else None
     metrics.metrics.set_resumed_from(resume.checkpoint.step if resume else 0)
     shutil.rmtree(work / "trainer", ignore_errors=True)
+    start_history()  # QLORA_CUDA_MEMORY_HISTORY: the allocator's history, load to trained
     session = backend.load(
         base.path,
         decided.precision,
@@ -327,24 +332,28 @@ def _run(
         every_minutes=body.training.checkpoint_every_minutes,
         observer=metrics.metrics,
     )
-    with guard.training(), cuda_oom_as_error("training", decided.shape):
-        outcome = backend.train(
-            session,
-            train,
-            eval_data,
-            decided.shape,
-            [
-                start,
-                make_progress_callback(),
-                *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
-                *callbacks,
-                *make_fault_callbacks(settings),
-                saver,
-            ],
-            work / "trainer",
-            resume_from=resume.local_dir if resume else None,
-        )
+    try:
+        with guard.training(), cuda_oom_as_error("training", decided.shape):
+            outcome = backend.train(
+                session,
+                train,
+                eval_data,
+                decided.shape,
+                [
+                    start,
+                    make_progress_callback(),
+                    *metrics.training_callbacks(report.rows, report.tokens, report.loss_tokens),
+                    *callbacks,
+                    *make_fault_callbacks(settings),
+                    saver,
+                ],
+                work / "trainer",
+                resume_from=resume.local_dir if resume else None,
+            )
+    finally:
+        dump_history("training")
     after = snapshot_lora(session.model)
+    allocator = allocator_report()  # {} without CUDA
     log.info(
         "training done: %d steps, loss %s -> %s in %.1fs",
         outcome.steps,
@@ -355,8 +364,17 @@ def _run(
             "rank": rank.rank,
             "world_size": distributed.world_size(),
             "lora_sha256": lora_digest(after),
+            "allocator": allocator,
         },
     )
+    if allocator.get("expandable_segments") == "false" and expandable_requested(os.environ):
+        log.warning(
+            "the CUDA allocator ran without expandable segments although they were asked for: "
+            "its reserved peak (%.1f GiB) can run far above the allocated one (%.1f GiB)",
+            allocator["reserved_bytes_peak"] / GIB,
+            allocator["allocated_bytes_peak"] / GIB,
+            extra={"allocator": allocator},
+        )
     if not rank.is_main:  # rank 0 alone verifies, saves, publishes and reports
         return RunResult(run_id, "", "", {"rank": rank.rank, "steps": outcome.steps})
 

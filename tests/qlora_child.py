@@ -108,25 +108,36 @@ def _preexec(modes_apply: bool) -> Any:
 
 
 def run_qlora(
-    spec: Path, work: Path, *, limit_s: float = 300.0, modes_apply: bool = False
+    spec: Path,
+    work: Path,
+    *,
+    limit_s: float = 300.0,
+    modes_apply: bool = False,
+    env: dict[str, str | None] | None = None,
 ) -> ChildResult:
     """Run ``python -m runner run --spec SPEC`` to the end (killed after ``limit_s``).
 
     ``modes_apply``: file permission bits bind the child even when the tests run as root.
+    ``env``: variables to set in the child (None removes one).
     """
-    env = {
+    child = {
         **os.environ,
         "QLORA_WORK_DIR": str(work),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    for name, value in (env or {}).items():
+        if value is None:
+            child.pop(name, None)
+        else:
+            child[name] = value
     work.mkdir(parents=True, exist_ok=True)
     out_path, err_path = work / "stdout.txt", work / "stderr.txt"
     started = time.monotonic()
     with out_path.open("w") as out, err_path.open("w") as err:
         rc, _, usage = _spawn_bounded(
             [sys.executable, "-m", "runner", "run", "--spec", str(spec)],
-            env, out, err, limit_s, modes_apply)
+            child, out, err, limit_s, modes_apply)
     return ChildResult(
         rc=rc,
         stdout=out_path.read_text(errors="replace"),

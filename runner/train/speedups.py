@@ -31,7 +31,12 @@
    spends time in cudaMalloc. ``expandable_segments:True`` (PyTorch's own advice in its
    out-of-memory message) maps pages into one growing segment, so freed memory of any size
    is reused. Set unless the user configured the allocator (``PYTORCH_ALLOC_CONF`` /
-   ``PYTORCH_CUDA_ALLOC_CONF``) or ``QLORA_EXPANDABLE_SEGMENTS=0``.
+   ``PYTORCH_CUDA_ALLOC_CONF``) or ``QLORA_EXPANDABLE_SEGMENTS=0``. PyTorch reads the
+   variable when torch is imported, so it is set first thing (:func:`apply_allocator_env`);
+   until session 7 it was set too late and never took effect (bench/speed run7 to run9 ran
+   the default allocator; the 8B example by hand reserved 91 GiB for 47 allocated,
+   bench/new-user-8b). The "training done" log record carries the allocator's report
+   (:mod:`runner.train.allocator`), which says whether the segments were expandable.
 """
 
 from __future__ import annotations
@@ -94,8 +99,21 @@ def allocator_env(environ: Mapping[str, str], torch_version: str | None) -> dict
     return {name: EXPANDABLE}
 
 
-def apply_allocator_env() -> dict[str, str]:
-    """Set :func:`allocator_env`'s variable in this process, before CUDA is first used."""
+def apply_allocator_env(modules: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Set :func:`allocator_env`'s variable in this process, before CUDA is first used.
+
+    PyTorch reads the variable once, when ``torch`` is imported, not when CUDA starts: set
+    after that import it does nothing. Runs 7 to 9 of ``bench/speed`` ran that way (the
+    watchdog's ``TrainerCallback`` import had loaded torch first) and kept the default
+    allocator; ``bench/new-user-8b/call4-allocator`` shows the cost: 97.8 GiB reserved for
+    50.2 allocated. So :func:`runner.recipe.run` calls this first, and where torch is already
+    imported the setting also goes through ``torch.cuda.memory._set_allocator_settings``,
+    which applies to every segment allocated after it.
+
+    Args:
+        modules: ``sys.modules`` (tests pass a stand-in).
+    """
+    import sys
     from importlib import metadata
 
     try:
@@ -104,9 +122,25 @@ def apply_allocator_env() -> dict[str, str]:
         version = None
     found = allocator_env(os.environ, version)
     os.environ.update(found)
-    if found:
-        log.info("CUDA allocator: %s", EXPANDABLE, extra={"allocator": found})
+    if not found:
+        return found
+    torch = (sys.modules if modules is None else modules).get("torch")
+    how = "environment, before torch is imported"
+    if torch is not None:
+        try:
+            torch.cuda.memory._set_allocator_settings(EXPANDABLE)
+            how = "torch.cuda.memory._set_allocator_settings (torch was already imported)"
+        except (AttributeError, RuntimeError) as e:
+            how = f"environment only; torch was already imported and refused the setting: {e}"
+            log.warning("CUDA allocator: %s may not take effect: %s", EXPANDABLE, how)
+    log.info("CUDA allocator: %s (%s)", EXPANDABLE, how, extra={"allocator": found, "how": how})
     return found
+
+
+def expandable_requested(environ: Mapping[str, str]) -> bool:
+    """Whether the allocator variable in ``environ`` asks for expandable segments."""
+    conf = ",".join(environ.get(k, "") for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
+    return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
 def enable_varlen_attention(dispatch: Any | None = None) -> str:
