@@ -83,8 +83,13 @@ def main() -> None:
     ap.add_argument("snapshot", type=Path)
     ap.add_argument("--top", type=int, default=25)
     ns = ap.parse_args()
-    with ns.snapshot.open("rb") as fh:
-        snapshot = pickle.load(fh)  # our own run's snapshot
+    try:
+        with ns.snapshot.open("rb") as fh:
+            snapshot = pickle.load(fh)  # our own run's snapshot
+    except (OSError, pickle.UnpicklingError, EOFError) as e:
+        ap.error(f"{ns.snapshot}: not a readable snapshot pickle: {e}")  # exit 2
+    if not isinstance(snapshot, dict) or "segments" not in snapshot:
+        ap.error(f"{ns.snapshot}: not a CUDA memory snapshot (no 'segments')")
     print("\n".join(summarize(snapshot, ns.top)))
 
 

@@ -3,14 +3,14 @@
     python3 bench/run_log_summary.py RUN_LOG > summary.json
 
 Reads the re-plan record (the estimate and its CUDA-context term, which lies outside PyTorch's
-allocator), the phase records' allocator peaks, the "training done" record's allocator report
-(``runner.train.allocator``) and the tokens/s and steps the run logged.
+allocator), the phase records' allocator peaks, and the "training done" record: its message
+(steps, loss, time) and its allocator report (``runner.train.allocator``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,13 @@ def summarize(lines: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    text = Path(sys.argv[1]).read_text(encoding="utf-8", errors="replace")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_log", type=Path)
+    ns = ap.parse_args()
+    try:
+        text = ns.run_log.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        ap.error(f"{ns.run_log}: {e.strerror or e}")  # exit 2
     print(json.dumps(summarize(text.splitlines()), indent=2, sort_keys=True))
 
 

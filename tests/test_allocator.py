@@ -2,8 +2,8 @@
 
 The regression this guards: PyTorch reads ``PYTORCH_ALLOC_CONF`` when ``torch`` is imported.
 The runner set it after the watchdog's callback had imported transformers (and torch), so every
-GPU run from bench/speed run7 to the new-user 8B run kept the default allocator (reserved 97.8
-GiB for 50.2 allocated, bench/new-user-8b/call4-allocator).
+GPU run from bench/speed run7 to the new-user 8B run kept the default allocator (reserved 91.1
+GiB for 46.8 allocated, bench/new-user-8b/call4-allocator).
 """
 
 from __future__ import annotations

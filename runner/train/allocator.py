@@ -51,7 +51,7 @@ def summarize_allocator(
     expandable = {bool(s.get("is_expandable", False)) for s in segments}
     return {
         "backend": backend,
-        # "mixed" should not happen: the mode is fixed when the allocator starts
+        # "mixed": the mode changed mid-run (``_set_allocator_settings`` after some segments)
         "expandable_segments": (
             "none"
             if not segments
@@ -106,7 +106,11 @@ def start_history() -> bool:
             "%s is set but this process has no CUDA device: nothing is recorded", HISTORY_ENV
         )
         return False
-    torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
+    try:
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=HISTORY_ENTRIES)
+    except (AttributeError, RuntimeError) as e:  # diagnostics only: the run goes on without
+        log.warning("%s: PyTorch would not record allocations: %s", HISTORY_ENV, e)
+        return False
     log.info("recording CUDA allocations for %s", path, extra={"memory_history": str(path)})
     return True
 

@@ -79,6 +79,8 @@ def apply_compile_cache_env() -> dict[str, str]:
 EXPANDABLE_ENV = "QLORA_EXPANDABLE_SEGMENTS"
 """``0`` keeps PyTorch's default allocator (the behaviour before issue 13's fix)."""
 EXPANDABLE = "expandable_segments:True"
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+"""PyTorch's allocator variable: the name from torch 2.9, and the older one."""
 
 
 def allocator_env(environ: Mapping[str, str], torch_version: str | None) -> dict[str, str]:
@@ -89,13 +91,13 @@ def allocator_env(environ: Mapping[str, str], torch_version: str | None) -> dict
     """
     if environ.get(EXPANDABLE_ENV, "1").strip() == "0" or torch_version is None:
         return {}
-    if any(environ.get(k, "").strip() for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+    if any(environ.get(k, "").strip() for k in ALLOC_CONF_VARS):
         return {}
     try:
         major, minor = (int(x) for x in torch_version.split("+")[0].split(".")[:2])
     except ValueError:
         return {}
-    name = "PYTORCH_ALLOC_CONF" if (major, minor) >= (2, 9) else "PYTORCH_CUDA_ALLOC_CONF"
+    name = ALLOC_CONF_VARS[0] if (major, minor) >= (2, 9) else ALLOC_CONF_VARS[1]
     return {name: EXPANDABLE}
 
 
@@ -105,8 +107,8 @@ def apply_allocator_env(modules: Mapping[str, Any] | None = None) -> dict[str, s
     PyTorch reads the variable once, when ``torch`` is imported, not when CUDA starts: set
     after that import it does nothing. Runs 7 to 9 of ``bench/speed`` ran that way (the
     watchdog's ``TrainerCallback`` import had loaded torch first) and kept the default
-    allocator; ``bench/new-user-8b/call4-allocator`` shows the cost: 97.8 GiB reserved for
-    50.2 allocated. So :func:`runner.recipe.run` calls this first, and where torch is already
+    allocator; ``bench/new-user-8b/call4-allocator`` shows the cost: 91.1 GiB reserved for
+    46.8 allocated. So :func:`runner.recipe.run` calls this first, and where torch is already
     imported the setting also goes through ``torch.cuda.memory._set_allocator_settings``,
     which applies to every segment allocated after it.
 
@@ -139,7 +141,7 @@ def apply_allocator_env(modules: Mapping[str, Any] | None = None) -> dict[str, s
 
 def expandable_requested(environ: Mapping[str, str]) -> bool:
     """Whether the allocator variable in ``environ`` asks for expandable segments."""
-    conf = ",".join(environ.get(k, "") for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"))
+    conf = ",".join(environ.get(k, "") for k in ALLOC_CONF_VARS)
     return "expandable_segments:true" in conf.replace(" ", "").lower()
 
 
